@@ -1,0 +1,131 @@
+"""Reads the tuned launch tables in ``backends/`` and picks a config by device and token count.
+
+A table (one TOML file per vendor) holds families of devices, each recognised by substrings of the
+device's names, and per family a list of token-count buckets. See README.md, "Adding a device".
+"""
+
+from __future__ import annotations
+
+import functools
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .kernel import LaunchConfig
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_CONFIG_KEYS = {"rows_per_program", "num_warps", "num_stages"}
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """One table row: the config for ``T <= max_tokens`` (``None``: any T) and the listed dtypes."""
+
+    max_tokens: int | None
+    dtypes: tuple[str, ...]
+    config: LaunchConfig
+
+    def serves(self, tokens: int, dtype_name: str) -> bool:
+        return (self.max_tokens is None or tokens <= self.max_tokens) and (
+            not self.dtypes or dtype_name in self.dtypes
+        )
+
+
+@dataclass(frozen=True)
+class Family:
+    """Devices recognised by ``match`` substrings, and their buckets in order."""
+
+    name: str
+    match: tuple[str, ...]
+    buckets: tuple[Bucket, ...]
+    provenance: str
+
+    def matches(self, device_names: Sequence[str]) -> bool:
+        names = [n.lower() for n in device_names]
+        return any(m.lower() in n for m in self.match for n in names)
+
+    def config_for(self, tokens: int, dtype: torch.dtype) -> LaunchConfig:
+        dtype_name = _DTYPE_NAMES.get(dtype, str(dtype))
+        for bucket in self.buckets:
+            if bucket.serves(tokens, dtype_name):
+                return bucket.config
+        raise LookupError(f"family {self.name!r} has no bucket for T={tokens}, dtype={dtype_name}")
+
+
+@dataclass(frozen=True)
+class Table:
+    vendor: str
+    families: tuple[Family, ...]
+    default: Family
+    source: str
+
+    def family_for(self, device_names: Sequence[str]) -> Family:
+        """The first family matching any of ``device_names``, else the vendor default."""
+        for family in self.families:
+            if family.matches(device_names):
+                return family
+        return self.default
+
+
+def tables_dir() -> Path:
+    """Where the tables are: the installed ``g4route.backends`` package, else the source tree."""
+    try:
+        return Path(str(resources.files("g4route.backends")))
+    except ModuleNotFoundError:  # running from a checkout without installing
+        return Path(__file__).resolve().parent.parent / "backends"
+
+
+def _parse_bucket(raw: dict, where: str) -> Bucket:
+    unknown = set(raw) - _CONFIG_KEYS - {"max_tokens", "dtypes"}
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
+    try:
+        config = LaunchConfig(
+            rows_per_program=int(raw["rows_per_program"]),
+            num_warps=int(raw["num_warps"]),
+            num_stages=int(raw.get("num_stages", 1)),
+        )
+    except KeyError as exc:
+        raise ValueError(f"{where}: missing {exc.args[0]!r}") from None
+    for knob in ("rows_per_program", "num_warps"):
+        value = getattr(config, knob)
+        if value < 1 or value & (value - 1):
+            raise ValueError(f"{where}: {knob} must be a power of two >= 1, got {value}")
+    dtypes = tuple(raw.get("dtypes", ()))
+    bad = set(dtypes) - set(_DTYPE_NAMES.values())
+    if bad:
+        raise ValueError(f"{where}: unknown dtypes {sorted(bad)}")
+    max_tokens = raw.get("max_tokens")
+    return Bucket(None if max_tokens is None else int(max_tokens), dtypes, config)
+
+
+def _parse_family(raw: dict, name: str, where: str) -> Family:
+    rows = raw.get("buckets")
+    if not rows:
+        raise ValueError(f"{where}: family {name!r} has no buckets")
+    buckets = tuple(_parse_bucket(r, f"{where} [{name}] bucket {i}") for i, r in enumerate(rows))
+    if not any(b.max_tokens is None and not b.dtypes for b in buckets):
+        raise ValueError(f"{where}: family {name!r} needs a last bucket without max_tokens or dtypes")
+    return Family(name, tuple(raw.get("match", ())), buckets, str(raw.get("provenance", "")))
+
+
+def parse_table(text: str, source: str) -> Table:
+    """Parse and check one table; errors name the file and the row."""
+    raw = tomllib.loads(text)
+    families = tuple(
+        _parse_family(f, str(f.get("name", f"#{i}")), source) for i, f in enumerate(raw.get("family", []))
+    )
+    if "default" not in raw:
+        raise ValueError(f"{source}: a [default] family is required")
+    return Table(str(raw.get("vendor", "")), families, _parse_family(raw["default"], "default", source), source)
+
+
+@functools.lru_cache(maxsize=None)
+def load_table(vendor: str) -> Table:
+    """The table ``backends/<vendor>.toml``, parsed once per process."""
+    path = tables_dir() / f"{vendor}.toml"
+    return parse_table(path.read_text(), str(path))

@@ -1,0 +1,196 @@
+"""Backend records and the choice of one for a tensor's device, with the ``G4ROUTE_BACKEND`` override.
+
+A backend is small: which tensors it takes, whether this platform can run it (and why not), which
+tuned table it reads, and whether it launches the Triton kernel, the interpreted kernel or the
+PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from . import configs, kernel, platforms
+from .kernel import LaunchConfig
+from .platforms import PlatformFacts
+from .reference import route_reference
+
+ENV_VAR = "G4ROUTE_BACKEND"
+
+
+def _needs_triton(facts: PlatformFacts) -> str | None:
+    return None if facts.triton_error is None else f"Triton is not importable ({facts.triton_error})"
+
+
+def _cuda_reason(facts: PlatformFacts) -> str | None:
+    if facts.cuda_version is None:
+        build = f"a ROCm build (HIP {facts.hip_version})" if facts.hip_version else "not a CUDA build"
+        return f"PyTorch {facts.torch_version} is {build}"
+    if not facts.cuda_available:
+        return "torch.cuda.is_available() is False (no NVIDIA GPU or driver visible)"
+    return _needs_triton(facts)
+
+
+def _rocm_reason(facts: PlatformFacts) -> str | None:
+    if facts.hip_version is None:
+        return f"PyTorch {facts.torch_version} is not a ROCm build (torch.version.hip is None)"
+    if not facts.cuda_available:
+        return "torch.cuda.is_available() is False (no AMD GPU or driver visible)"
+    return _needs_triton(facts)
+
+
+def _xpu_reason(facts: PlatformFacts) -> str | None:
+    if not facts.xpu_available:
+        return facts.xpu_note
+    return _needs_triton(facts)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One way of computing ``route()``."""
+
+    name: str
+    summary: str
+    device_type: str | None  # torch device type of the tensors it takes; None: any device
+    table: str | None  # the tuned table in backends/ (kernel backends only)
+    interpret: bool  # run the kernel under Triton's interpreter
+    reason_unavailable: Callable[[PlatformFacts], str | None]
+
+    @property
+    def uses_kernel(self) -> bool:
+        return self.table is not None
+
+    def config_for(self, device: torch.device, tokens: int, dtype: torch.dtype) -> LaunchConfig:
+        """The tuned launch config for ``tokens`` rows of ``dtype`` logits on ``device``."""
+        if self.table is None:
+            raise ValueError(f"backend {self.name!r} does not launch the kernel")
+        return _family(self.table, device).config_for(tokens, dtype)
+
+    def family_name(self, device: torch.device) -> str:
+        return "-" if self.table is None else _family(self.table, device).name
+
+    def run(
+        self,
+        logits: torch.Tensor,
+        topk: int,
+        scale: torch.Tensor | None,
+        renormalize: bool,
+        weights: torch.Tensor,
+        ids: torch.Tensor,
+    ) -> None:
+        """Route validated 2-D ``[T, E]`` logits into 2-D ``[T, K]`` outputs."""
+        if not self.uses_kernel:
+            route_reference(logits, topk, scale, renormalize, weights, ids)
+            return
+        config = self.config_for(logits.device, logits.shape[0], logits.dtype)
+        kernel.launch(logits, topk, scale, renormalize, weights, ids, config, interpret=self.interpret)
+
+
+@functools.lru_cache(maxsize=None)
+def _family(table: str, device: torch.device) -> configs.Family:
+    return configs.load_table(table).family_for(platforms.device_names(device))
+
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("cuda", "Triton kernel on NVIDIA GPUs", "cuda", "cuda", False, _cuda_reason),
+        Backend("rocm", "Triton kernel on AMD GPUs", "cuda", "rocm", False, _rocm_reason),
+        Backend("xpu", "Triton kernel on Intel GPUs (torch.xpu)", "xpu", "xpu", False, _xpu_reason),
+        Backend("torch", "PyTorch reference, any device", None, None, False, lambda facts: None),
+        Backend("interpreter", "Triton kernel under Triton's CPU interpreter", "cpu", "interpreter", True, _needs_triton),
+    )
+}
+
+
+def get(name: str) -> Backend:
+    """The backend called ``name``; ``ValueError`` listing the known names otherwise."""
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(BACKENDS)}") from None
+
+
+def why_not(
+    backend: Backend,
+    device: torch.device,
+    num_experts: int,
+    topk: int,
+    facts: PlatformFacts | None = None,
+) -> str | None:
+    """Why ``backend`` cannot route ``num_experts``/``topk`` logits on ``device``, or ``None`` if it can."""
+    reason = backend.reason_unavailable(facts or platforms.probe())
+    if reason:
+        return reason
+    if backend.device_type is not None and device.type != backend.device_type:
+        return f"it takes {backend.device_type} tensors, not {device.type} tensors"
+    if backend.uses_kernel and num_experts > kernel.MAX_EXPERTS:
+        return f"E={num_experts} is above the kernel's limit of {kernel.MAX_EXPERTS} experts"
+    if backend.uses_kernel and topk > kernel.MAX_TOPK:
+        return f"K={topk} is above the kernel's limit of {kernel.MAX_TOPK}"
+    return None
+
+
+def _native_backend(device: torch.device, facts: PlatformFacts) -> Backend:
+    """The backend made for this device type, before any check that it can run."""
+    if device.type == "cuda":
+        return BACKENDS["rocm" if facts.hip_version else "cuda"]
+    if device.type == "xpu":
+        return BACKENDS["xpu"]
+    return BACKENDS["torch"]
+
+
+_warned: set[str] = set()
+
+
+def select(
+    device: torch.device,
+    num_experts: int,
+    topk: int,
+    facts: PlatformFacts | None = None,
+    env: Mapping[str, str] = os.environ,
+) -> Backend:
+    """The backend for logits on ``device``.
+
+    ``G4ROUTE_BACKEND`` (in ``env``) forces one by name; if it cannot run this call, ``ValueError``
+    says why and lists the backends that can. Without it the device's own backend is chosen; where
+    it cannot run (a shape past the kernel's limits, or no Triton) the PyTorch reference does the
+    work, and ``g4route info`` shows the reason.
+    """
+    facts = facts or platforms.probe()
+    forced = env.get(ENV_VAR, "").strip()
+    if forced:
+        backend = get(forced)
+        reason = why_not(backend, device, num_experts, topk, facts)
+        if reason:
+            able = [b.name for b in BACKENDS.values() if why_not(b, device, num_experts, topk, facts) is None]
+            raise ValueError(
+                f"{ENV_VAR}={forced} cannot route this call: {reason}. "
+                f"Backends that can route {device.type} logits with E={num_experts}, K={topk}: {', '.join(able)}"
+            )
+        return backend
+    backend = _native_backend(device, facts)
+    reason = why_not(backend, device, num_experts, topk, facts)
+    if reason is None:
+        return backend
+    if backend.reason_unavailable(facts) and backend.name not in _warned:
+        _warned.add(backend.name)
+        warnings.warn(f"g4route: backend {backend.name!r} unavailable ({reason}); using the PyTorch reference",
+                      RuntimeWarning, stacklevel=3)
+    return BACKENDS["torch"]
+
+
+def available(device: torch.device | None = None, facts: PlatformFacts | None = None) -> list[str]:
+    """Names of the backends this platform can run (for ``device``'s tensors, if given)."""
+    facts = facts or platforms.probe()
+    return [
+        b.name
+        for b in BACKENDS.values()
+        if b.reason_unavailable(facts) is None
+        and (device is None or b.device_type in (None, device.type))
+    ]
