@@ -12,7 +12,7 @@ from . import registry
 from .api import route
 
 __version__ = "0.1.0"
-__all__ = ["route", "backends", "available_backends", "backend_for", "__version__"]
+__all__ = ["__version__", "available_backends", "backend_for", "backends", "route"]
 
 
 def backends() -> list[str]:

@@ -7,12 +7,12 @@ device's names, and per family a list of token-count buckets. See README.md, "Ad
 from __future__ import annotations
 
 import functools
-import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import tomllib
 import torch
 
 from .kernel import LaunchConfig
@@ -124,7 +124,7 @@ def parse_table(text: str, source: str) -> Table:
     return Table(str(raw.get("vendor", "")), families, _parse_family(raw["default"], "default", source), source)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_table(vendor: str) -> Table:
     """The table ``backends/<vendor>.toml``, parsed once per process."""
     path = tables_dir() / f"{vendor}.toml"

@@ -10,18 +10,17 @@ from __future__ import annotations
 import torch
 
 
-def route_reference(
+def reference_route(
     logits: torch.Tensor,
     topk: int,
     scale: torch.Tensor | None,
     renormalize: bool,
-    weights: torch.Tensor,
-    ids: torch.Tensor,
     compute_dtype: torch.dtype = torch.float32,
-) -> None:
-    """Route a 2-D ``[T, E]`` logits tensor into ``weights`` (float32) and ``ids`` (int32), ``[T, K]``.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Route a 2-D ``[T, E]`` logits tensor; return ``compute_dtype`` weights and int64 ids ``[T, K]``.
 
-    Arithmetic is done in ``compute_dtype`` (float32, like the kernel). Rules:
+    Arithmetic is done in ``compute_dtype`` (float32, like the kernel; float64 makes the oracle that
+    ``g4route bench`` checks against). Rules:
     - ids: the K largest logits, by descending logit, ties to the lower expert id; NaN ranks above
       ``+inf`` and ``-0.0`` equals ``+0.0`` (``torch.sort``'s ordering, made stable).
     - ``renormalize``: softmax over the K chosen logits; otherwise softmax over all E, gathered.
@@ -39,5 +38,18 @@ def route_reference(
     w = torch.where(chosen[:, :1] == float("-inf"), torch.zeros_like(w), w)
     if scale is not None:
         w = w * scale.to(compute_dtype)[order]
+    return w, order
+
+
+def route_reference(
+    logits: torch.Tensor,
+    topk: int,
+    scale: torch.Tensor | None,
+    renormalize: bool,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+) -> None:
+    """The ``torch`` backend: ``reference_route`` in float32, written into ``weights`` and ``ids``."""
+    w, order = reference_route(logits, topk, scale, renormalize)
     weights.copy_(w)
     ids.copy_(order)

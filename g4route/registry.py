@@ -91,7 +91,7 @@ class Backend:
         kernel.launch(logits, topk, scale, renormalize, weights, ids, config, interpret=self.interpret)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _family(table: str, device: torch.device) -> configs.Family:
     return configs.load_table(table).family_for(platforms.device_names(device))
 
@@ -103,7 +103,8 @@ BACKENDS: dict[str, Backend] = {
         Backend("rocm", "Triton kernel on AMD GPUs", "cuda", "rocm", False, _rocm_reason),
         Backend("xpu", "Triton kernel on Intel GPUs (torch.xpu)", "xpu", "xpu", False, _xpu_reason),
         Backend("torch", "PyTorch reference, any device", None, None, False, lambda facts: None),
-        Backend("interpreter", "Triton kernel under Triton's CPU interpreter", "cpu", "interpreter", True, _needs_triton),
+        Backend("interpreter", "Triton kernel under Triton's CPU interpreter", "cpu", "interpreter", True,
+                _needs_triton),
     )
 }
 

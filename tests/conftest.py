@@ -44,6 +44,20 @@ def target(request, monkeypatch):
     return backend, torch.device(device_type, 0) if device_type != "cpu" else torch.device("cpu")
 
 
+@pytest.fixture(
+    params=[pytest.param(t[:2], marks=[getattr(pytest.mark, t[2])], id=t[0])
+            for t in _TARGETS if t[2] and t[0] != "torch"]
+)
+def gpu_target(request, monkeypatch):
+    """(backend, device) for the GPU kernel backends only (the large-input suite)."""
+    backend, device_type = request.param
+    reason = _skip_reason(backend, device_type)
+    if reason:
+        pytest.skip(reason)
+    monkeypatch.setenv(registry.ENV_VAR, backend)
+    return backend, torch.device(device_type, 0)
+
+
 @pytest.fixture
 def gen():
     """A generator with a fresh seed per test, printed on failure so a case can be replayed."""

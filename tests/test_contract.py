@@ -172,5 +172,6 @@ def test_oracle_agrees_with_a_lexicographic_sort(gen):
     _, ids = oracle(x, 20)
     a = x.numpy()
     col = np.broadcast_to(np.arange(20), a.shape)
-    expect = np.stack([np.lexsort((c, -np.nan_to_num(r, nan=0.0), -np.isnan(r).astype(int))) for r, c in zip(a, col)])
+    keys = [(c, -np.nan_to_num(r, nan=0.0), -np.isnan(r).astype(int)) for r, c in zip(a, col, strict=True)]
+    expect = np.stack([np.lexsort(k) for k in keys])
     assert (ids.numpy() == expect).all()

@@ -1,0 +1,225 @@
+"""``g4route bench``: g4route against the PyTorch reference (eager and compiled) and the bandwidth floor.
+
+Every implementation's output is checked against the float64 oracle before it is timed. Small token
+counts are timed as CUDA-graph replays (launch cost removed); large ones with device events, rotating
+among input copies larger than the L2 cache so the cache does not flatter the kernel.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import platform
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from . import kernel, registry, timing
+from .api import route
+from .reference import reference_route
+
+GRAPH_MAX_TOKENS = 4096
+_ROTATE_BYTES = 256 << 20  # input copies per size: more than any current GPU's L2
+
+
+@dataclass
+class Row:
+    dtype: str
+    tokens: int
+    g4route_us: float | None
+    eager_us: float
+    compiled_us: dict[str, float] = field(default_factory=dict)
+    floor_us: float | None = None
+
+    @property
+    def floor_fraction(self) -> float | None:
+        if self.g4route_us is None or self.floor_us is None:
+            return None
+        return self.floor_us / self.g4route_us
+
+
+def _check(name: str, result, oracle, num_experts: int) -> None:
+    """Raise if ``result`` (weights, ids) differs from the float64 oracle."""
+    weights, ids = result
+    ref_w, ref_ids = oracle
+    if not bool(((ids >= 0) & (ids < num_experts)).all()) or not torch.equal(ids.long(), ref_ids):
+        raise AssertionError(f"{name}: ids differ from the float64 oracle")
+    torch.testing.assert_close(weights.double(), ref_w, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def _inputs(tokens: int, num_experts: int, dtype: torch.dtype, device: torch.device, rotate: bool):
+    copies = 1
+    if rotate:
+        copies = max(1, min(16, _ROTATE_BYTES // max(1, tokens * num_experts * dtype.itemsize)))
+    return [torch.randn(tokens, num_experts, device=device).mul_(2).to(dtype) for _ in range(copies)]
+
+
+class _Rotating:
+    """Calls ``fn`` on the next input copy each time (defeats the L2 cache between timed calls)."""
+
+    def __init__(self, fn: Callable, inputs: list[torch.Tensor]):
+        self.fn, self.inputs, self.i = fn, inputs, 0
+
+    def __call__(self):
+        self.i = (self.i + 1) % len(self.inputs)
+        return self.fn(self.inputs[self.i])
+
+
+def _compiled_reference(mode: str, topk: int, renormalize: bool) -> Callable:
+    fn = torch.compile(reference_route, mode=None if mode == "default" else mode, dynamic=False)
+    return lambda x, scale: fn(x, topk, scale, renormalize)
+
+
+def run_bench(
+    device: torch.device,
+    tokens: list[int],
+    dtypes: list[torch.dtype],
+    num_experts: int,
+    topk: int,
+    compile_modes: list[str],
+    progress: Callable[[str], None],
+) -> tuple[list[Row], dict]:
+    """Time every (dtype, T) on ``device``; return the rows and the run's metadata."""
+    on_gpu = device.type != "cpu"
+    backend = registry.select(device, num_experts, topk)
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join(["g4route", *sys.argv[1:]]),
+        "device": _device_name(device),
+        "backend": backend.name,
+        "torch": torch.__version__,
+        "triton": None if kernel.triton is None else kernel.triton.__version__,
+        "num_experts": num_experts,
+        "topk": topk,
+        "python": platform.python_version(),
+    }
+    if on_gpu:
+        progress("measuring copy bandwidth")
+        meta["copy_bandwidth_GBps"] = timing.copy_bandwidth(device) / 1e9
+    torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+    compiled = {m: _compiled_reference(m, topk, True) for m in compile_modes}
+    scale = (torch.rand(num_experts, device=device) + 0.5).float()
+    rows: list[Row] = []
+    for dtype in dtypes:
+        for t in tokens:
+            progress(f"{str(dtype).removeprefix('torch.')} T={t}")
+            use_graph = on_gpu and device.type == "cuda" and t <= GRAPH_MAX_TOKENS
+            inputs = _inputs(t, num_experts, dtype, device, rotate=on_gpu and not use_graph)
+            oracle = reference_route(inputs[0], topk, scale, True, torch.float64)
+            impls: dict[str, Callable] = {"eager": lambda x: reference_route(x, topk, scale, True)}
+            if on_gpu and backend.uses_kernel:
+                out = (torch.empty(t, topk, device=device), torch.empty(t, topk, dtype=torch.int32, device=device))
+                impls["g4route"] = lambda x, out=out: route(x, topk, scale, out=out)
+            for mode, fn in compiled.items():
+                impls[mode] = lambda x, fn=fn: fn(x, scale)
+            times = {}
+            for name, fn in impls.items():
+                _check(name, fn(inputs[0]), oracle, num_experts)
+                call = _Rotating(fn, inputs)
+                times[name] = timing.graph_median_us(call, device) if use_graph else timing.median_us(call, device)
+            floor = None
+            if on_gpu:
+                nbytes = t * num_experts * dtype.itemsize + t * topk * 8
+                floor = nbytes / (meta["copy_bandwidth_GBps"] * 1e9) * 1e6
+            rows.append(Row(str(dtype).removeprefix("torch."), t, times.get("g4route"), times["eager"],
+                            {m: times[m] for m in compile_modes}, floor))
+    if on_gpu and backend.uses_kernel:
+        meta["host_overhead"] = host_overhead(device, num_experts, topk)
+    return rows, meta
+
+
+def host_overhead(device: torch.device, num_experts: int, topk: int) -> dict[str, float]:
+    """Host microseconds per call at T=1 with no graph: ``route()`` against a bare launch of the kernel."""
+    backend = registry.select(device, num_experts, topk)
+    logits = torch.randn(1, num_experts, device=device)
+    scale = torch.rand(num_experts, device=device)
+    out = (torch.empty(1, topk, device=device), torch.empty(1, topk, dtype=torch.int32, device=device))
+    config = backend.config_for(device, 1, logits.dtype)
+    bare = lambda: kernel.launch(logits, topk, scale, True, out[0], out[1], config)  # noqa: E731
+    routed = lambda: route(logits, topk, scale, out=out)  # noqa: E731
+    bare_us = timing.host_us_per_call(bare, device)
+    route_us = timing.host_us_per_call(routed, device)
+    return {"route_us": route_us, "bare_launch_us": bare_us, "ratio": route_us / bare_us}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "xpu":
+        return torch.xpu.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+def _fmt(us: float | None) -> str:
+    return "-" if us is None else f"{us:,.2f}" if us < 100 else f"{us:,.1f}"
+
+
+def format_table(rows: list[Row], meta: dict, compile_modes: list[str]) -> str:
+    """The results as a Markdown table, then geometric-mean speedups."""
+    head = ["dtype", "T", "g4route us", "eager us", *[f"compile[{m}] us" for m in compile_modes],
+            "floor us", "floor/g4route", "x eager", *[f"x compile[{m}]" for m in compile_modes]]
+    lines = [f"# {meta['device']} | backend {meta['backend']} | E={meta['num_experts']} K={meta['topk']} | "
+             f"torch {meta['torch']} triton {meta['triton']} | {meta['date']}"]
+    if "copy_bandwidth_GBps" in meta:
+        lines.append(f"# copy bandwidth {meta['copy_bandwidth_GBps']:,.0f} GB/s (read + write)")
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    speedups: dict[str, list[float]] = {}
+    for r in rows:
+        ratio = {}
+        if r.g4route_us:
+            ratio = {"eager": r.eager_us / r.g4route_us, **{m: r.compiled_us[m] / r.g4route_us for m in compile_modes}}
+            for k, v in ratio.items():
+                speedups.setdefault(k, []).append(v)
+        frac = r.floor_fraction
+        cells = [r.dtype, f"{r.tokens:,}", _fmt(r.g4route_us), _fmt(r.eager_us),
+                 *[_fmt(r.compiled_us[m]) for m in compile_modes], _fmt(r.floor_us),
+                 "-" if frac is None else f"{frac:.0%}",
+                 *[f"{ratio[k]:.1f}x" if k in ratio else "-" for k in ["eager", *compile_modes]]]
+        lines.append("| " + " | ".join(cells) + " |")
+    if speedups:
+        lines.append("geometric-mean speedup of g4route: " + ", ".join(
+            f"{k} {math.exp(sum(map(math.log, v)) / len(v)):.1f}x" for k, v in speedups.items()))
+    else:
+        lines.append("kernel numbers need a GPU: this run timed the PyTorch reference only")
+    if "host_overhead" in meta:
+        h = meta["host_overhead"]
+        lines.append(f"host overhead at T=1 (no graph): route() {h['route_us']:.2f} us, bare kernel launch "
+                     f"{h['bare_launch_us']:.2f} us, ratio {h['ratio']:.2f}")
+    return "\n".join(lines)
+
+
+def write_json(path: str, rows: list[Row], meta: dict) -> None:
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "rows": [asdict(r) | {"floor_fraction": r.floor_fraction} for r in rows]}, f,
+                  indent=1)
+
+
+def write_plot(path: str, rows: list[Row], meta: dict) -> None:
+    """Time and fraction of the floor against T (needs the ``plot`` extra: matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install 'g4route[plot]'") from None
+    fig, (ax_t, ax_f) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for dtype in sorted({r.dtype for r in rows}):
+        sel = [r for r in rows if r.dtype == dtype]
+        ts = [r.tokens for r in sel]
+        ax_t.plot(ts, [r.eager_us for r in sel], "--", label=f"eager {dtype}")
+        if sel[0].g4route_us is not None:
+            ax_t.plot(ts, [r.g4route_us for r in sel], "o-", label=f"g4route {dtype}")
+            ax_f.plot(ts, [r.floor_fraction for r in sel], "o-", label=dtype)
+        if sel[0].floor_us is not None:
+            ax_t.plot(ts, [r.floor_us for r in sel], ":", label=f"floor {dtype}")
+    ax_t.set(xscale="log", yscale="log", xlabel="tokens", ylabel="us", title=meta["device"])
+    ax_f.set(xscale="log", xlabel="tokens", ylabel="floor / g4route time", ylim=(0, 1.05),
+             title=f"fraction of the bandwidth floor (E={meta['num_experts']}, K={meta['topk']})")
+    ax_t.legend(fontsize=7)
+    ax_f.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
