@@ -16,12 +16,15 @@ def _check_logits(gating_output: object) -> torch.Tensor:
         raise TypeError(f"gating_output must be float32, bfloat16 or float16, got {gating_output.dtype}")
     if gating_output.dim() < 1 or gating_output.shape[-1] < 1:
         raise ValueError(f"gating_output must have shape [..., E] with E >= 1, got {tuple(gating_output.shape)}")
-    if gating_output.requires_grad and torch.is_grad_enabled():
-        raise TypeError(
-            "gating_output requires grad, but route() is not differentiable: "
-            "call it under torch.no_grad() or pass gating_output.detach()"
-        )
+    _refuse_grad(gating_output, "gating_output")
     return gating_output
+
+
+def _refuse_grad(tensor: torch.Tensor, name: str) -> None:
+    # Backends differ in whether autograd could follow them, so none is asked to: refuse plainly.
+    if tensor.requires_grad and torch.is_grad_enabled():
+        raise TypeError(f"{name} requires grad, but route() is not differentiable: "
+                        f"call it under torch.no_grad() or pass {name}.detach()")
 
 
 def _check_topk(topk: object, num_experts: int) -> int:
@@ -44,6 +47,7 @@ def _check_scale(scale: object, logits: torch.Tensor) -> torch.Tensor | None:
         raise ValueError(f"per_expert_scale must have shape [E] = [{num_experts}], got {tuple(scale.shape)}")
     if scale.device != logits.device:
         raise ValueError(f"per_expert_scale is on {scale.device}, but gating_output is on {logits.device}")
+    _refuse_grad(scale, "per_expert_scale")
     return scale
 
 
@@ -65,6 +69,7 @@ def _check_out(out: object, logits: torch.Tensor, topk: int) -> tuple[torch.Tens
             raise ValueError(f"out {name} must have shape {list(shape)}, got {list(tensor.shape)}")
         if tensor.device != logits.device:
             raise ValueError(f"out {name} is on {tensor.device}, but gating_output is on {logits.device}")
+        _refuse_grad(tensor, f"out {name}")
     return out[0], out[1]
 
 

@@ -7,12 +7,12 @@ device's names, and per family a list of token-count buckets. See README.md, "Ad
 from __future__ import annotations
 
 import functools
+import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-import tomllib
 import torch
 
 from .kernel import LaunchConfig
@@ -72,9 +72,9 @@ class Table:
 
 
 def tables_dir() -> Path:
-    """Where the tables are: the installed ``g4route.backends`` package, else the source tree."""
+    """Where the tables are: the installed ``g4route.tables`` package, else the source tree."""
     try:
-        return Path(str(resources.files("g4route.backends")))
+        return Path(str(resources.files("g4route.tables")))
     except ModuleNotFoundError:  # running from a checkout without installing
         return Path(__file__).resolve().parent.parent / "backends"
 
@@ -104,11 +104,15 @@ def _parse_bucket(raw: dict, where: str) -> Bucket:
 
 
 def _parse_family(raw: dict, name: str, where: str) -> Family:
+    unknown = set(raw) - {"name", "match", "buckets", "provenance", "note"}
+    if unknown:
+        raise ValueError(f"{where}: family {name!r} has unknown keys {sorted(unknown)}")
     rows = raw.get("buckets")
     if not rows:
         raise ValueError(f"{where}: family {name!r} has no buckets")
     buckets = tuple(_parse_bucket(r, f"{where} [{name}] bucket {i}") for i, r in enumerate(rows))
-    if not any(b.max_tokens is None and not b.dtypes for b in buckets):
+    last = buckets[-1]
+    if last.max_tokens is not None or last.dtypes:
         raise ValueError(f"{where}: family {name!r} needs a last bucket without max_tokens or dtypes")
     return Family(name, tuple(raw.get("match", ())), buckets, str(raw.get("provenance", "")))
 
@@ -116,6 +120,9 @@ def _parse_family(raw: dict, name: str, where: str) -> Family:
 def parse_table(text: str, source: str) -> Table:
     """Parse and check one table; errors name the file and the row."""
     raw = tomllib.loads(text)
+    unknown = set(raw) - {"vendor", "family", "default"}
+    if unknown:
+        raise ValueError(f"{source}: unknown top-level keys {sorted(unknown)}")
     families = tuple(
         _parse_family(f, str(f.get("name", f"#{i}")), source) for i, f in enumerate(raw.get("family", []))
     )

@@ -46,7 +46,7 @@ def _rocm_reason(facts: PlatformFacts) -> str | None:
 
 def _xpu_reason(facts: PlatformFacts) -> str | None:
     if not facts.xpu_available:
-        return facts.xpu_note
+        return facts.xpu_note or "no XPU device visible"
     return _needs_triton(facts)
 
 

@@ -10,10 +10,10 @@ import datetime
 import itertools
 import re
 import sys
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
-import tomllib
 import torch
 
 from . import kernel, registry, timing
