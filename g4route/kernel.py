@@ -5,21 +5,21 @@ Every vendor runs this same source; only the launch configuration (rows per prog
 
 How the kernel selects experts exactly
 --------------------------------------
-Each logit is turned into a signed integer *order key*: larger key == larger logit, ``-0.0`` and
-``+0.0`` share a key, every NaN maps to the largest key (NaN ranks above ``+inf``, as in
-``torch.topk``) and padding columns (``E`` not a power of two) map below ``-inf`` so they are never
-chosen. The expert id, inverted (``BLOCK_E - 1 - id``), is packed into the low bits of the key, so a
-single integer ``max`` per step yields both the winner and the tie rule (equal logits: lower id
-first). ``K`` such steps give the top-K in order.
+Each logit becomes a signed 32-bit *order key* computed on its bits: larger key == larger logit,
+``-0.0`` and ``+0.0`` share a key, every NaN maps to one key above ``+inf`` (NaN ranks first, as in
+``torch.topk``), and padding columns (``E`` not a power of two) sit below ``-inf`` so they are never
+chosen. The expert id, inverted (``BLOCK_E - 1 - id``), replaces the key's low ``log2(BLOCK_E)``
+bits, so one integer reduction per step yields the winner and the tie rule at once (equal logits:
+lower id first). ``K`` steps give the top-K in order; each step after the first is a subtraction and
+an unsigned min per element (see ``_select_top``).
 
-Where the packed key lives:
-- 16-bit inputs (bfloat16, float16) widen to float32 with at least 13 low mantissa bits equal to
-  zero, so the id fits in those free bits of a 32-bit key and the packing is exact (``PACK32``).
-- float32 inputs use every bit, so the key goes in the high half of an int64 and the id in the low
-  half (exact, about twice the integer work).
-
-The chosen logits are recovered from the keys themselves (no second read of the row), so the
-softmax over the K winners costs K exponentials per token.
+- bfloat16 and float16 logits widen to float32 with 16 and 13 low mantissa bits zero, so the id fits
+  in bits that were free: the packed keys are exact (``EXACT32``), and the chosen logits decode from
+  them with no second read.
+- float32 logits use every bit, so packing truncates them. The kernel takes one step more than K and
+  checks that consecutive winners differ above the id bits; where they do, the truncated order is the
+  exact order (truncation is monotone). A tile with a row where they do not (ties, or logits within a
+  few ulps) is redone with exact 64-bit keys. The chosen float32 logits are re-read (K per row).
 """
 
 from __future__ import annotations
@@ -61,6 +61,37 @@ class LaunchConfig:
         return LaunchConfig(1 << (rows.bit_length() - 1), self.num_warps, self.num_stages)
 
 
+def _select_top(packed, NSEL: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr, LOW_MASK: tl.constexpr,
+                CHECK_TIES: tl.constexpr):
+    """The ``K`` largest packed keys of each row, in descending order, as a ``[rows, BLOCK_K]`` tile.
+
+    Each step finds the largest key below the previous winner: with ``c = previous - 1``, the smallest
+    unsigned ``c - key`` belongs to the largest key ``<= c`` (keys above ``c`` wrap to huge values),
+    so a step costs a subtraction and an unsigned min per element and never writes the tile back.
+    With ``CHECK_TIES`` it takes ``NSEL = K + 1`` steps and reports the rows where two consecutive
+    winners agree above ``LOW_MASK``: only there can truncated keys have ordered wrongly.
+    """
+    kcols = tl.arange(0, BLOCK_K)
+    best = tl.max(packed, axis=1)
+    chosen = tl.where(kcols[None, :] == 0, best[:, None], 0)
+    ambiguous = best < best  # all False, in the rows' layout
+    for k in tl.static_range(1, NSEL):
+        c = best - 1
+        if packed.dtype == tl.int64:
+            gap = (c[:, None] - packed).to(tl.uint64, bitcast=True)
+            step = tl.min(gap, axis=1).to(tl.int64, bitcast=True)
+        else:
+            gap = (c[:, None] - packed).to(tl.uint32, bitcast=True)
+            step = tl.min(gap, axis=1).to(tl.int32, bitcast=True)
+        nxt = c - step
+        if CHECK_TIES:
+            ambiguous = ambiguous | ((nxt & ~LOW_MASK) == (best & ~LOW_MASK))
+        if k < K:
+            chosen = tl.where(kcols[None, :] == k, nxt[:, None], chosen)
+        best = nxt
+    return chosen, ambiguous
+
+
 def _route_kernel(
     logits_ptr,
     scale_ptr,
@@ -78,74 +109,69 @@ def _route_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    EVEN_E: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     RENORMALIZE: tl.constexpr,
-    PACK32: tl.constexpr,
+    EXACT32: tl.constexpr,
 ):
-    # 64-bit row offsets: T * E may exceed 2**31 at a quarter-million tokens and large E.
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
-    row_ok = rows < T
+    rows32 = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # the launcher keeps T < 2**31
+    row_ok = rows32 < T
+    # 64-bit offsets: T * E passes 2**31 at a quarter-million tokens and wide E.
+    rows = rows32.to(tl.int64)
     cols = tl.arange(0, BLOCK_E)
-    col_ok = cols < E
-    x = tl.load(
-        logits_ptr + rows[:, None] * stride_lt + cols[None, :] * stride_le,
-        mask=row_ok[:, None] & col_ok[None, :],
-        other=float("-inf"),
-    ).to(tl.float32)
-
-    # Order key, computed on the bits so that no float comparison (and no flush-to-zero of
-    # subnormals) can disturb the ranking.
-    bits = x.to(tl.int32, bitcast=True)
-    bits = tl.where(bits == -2147483648, 0, bits)  # -0.0 ranks as +0.0
-    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    key = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7FFFFFFF, key)  # any NaN: above +inf
-    key = tl.where(col_ok[None, :], key, -2147483648)  # padding: below -inf, never chosen
-    inv_id = BLOCK_E - 1 - cols
-    if PACK32:
-        packed = (key & ~(BLOCK_E - 1)) | inv_id[None, :]
-        taken = -2147483648
+    src = logits_ptr + rows[:, None] * stride_lt + cols[None, :] * stride_le
+    if EVEN_E:
+        x = tl.load(src, mask=row_ok[:, None], other=float("-inf")).to(tl.float32)
     else:
-        packed = (key.to(tl.int64) << 32) | inv_id[None, :].to(tl.int64)
-        taken = -9223372036854775807 - 1
+        x = tl.load(src, mask=row_ok[:, None] & (cols < E)[None, :], other=float("-inf")).to(tl.float32)
 
-    if not RENORMALIZE:
-        # The softmax over all E experts needs the row maximum and the full sum of exponentials.
-        row_key = tl.max(key, axis=1)
-        row_max = tl.where(row_key < 0, row_key ^ 0x7FFFFFFF, row_key).to(tl.float32, bitcast=True)
-        denom = tl.sum(tl.exp(x - row_max[:, None]), axis=1)
+    # Order key on the bits (no float compare, so flush-to-zero cannot reorder subnormals):
+    # sign-magnitude to two's complement (-0.0 and +0.0 both become 0), every NaN to one code above
+    # +inf whose low 16 bits are zero (so packing keeps it above +inf).
+    bits = x.to(tl.int32, bitcast=True)
+    mag = bits & 0x7FFFFFFF
+    key = tl.where(bits < 0, -mag, mag)
+    key = tl.where(mag > 0x7F800000, 0x7FFF0000, key)
+    if not EVEN_E:
+        key = tl.where((cols < E)[None, :], key, -2147483647 - 1)  # padding: below -inf, never chosen
+    # The inverted id in the low bits: one max yields the winner, and equal logits go to the lower id.
+    LOW_MASK: tl.constexpr = BLOCK_E - 1
+    packed = (key & ~LOW_MASK) | (LOW_MASK - cols)[None, :]
 
     kcols = tl.arange(0, BLOCK_K)
-    chosen = tl.full([BLOCK_T, BLOCK_K], taken, packed.dtype)
-    for k in tl.static_range(K):
-        best = tl.max(packed, axis=1)
-        # The id in the low bits makes each key unique, so exactly one element is retired.
-        packed = tl.where(packed == best[:, None], taken, packed)
-        chosen = tl.where(kcols[None, :] == k, best[:, None], chosen)
-
-    # Unpack ids and the chosen logits. Column K..BLOCK_K-1 hold `taken` and are masked on store.
-    if PACK32:
-        ids = BLOCK_E - 1 - (chosen & (BLOCK_E - 1))
-        # Negative keys had all-ones low bits before packing (the XOR), non-negative ones zeros.
-        ckey = tl.where(chosen < 0, chosen | (BLOCK_E - 1), chosen & ~(BLOCK_E - 1))
-    else:
-        ids = (BLOCK_E - 1 - (chosen & 0xFFFFFFFF)).to(tl.int32)
-        ckey = (chosen >> 32).to(tl.int32)
-    vals = tl.where(ckey < 0, ckey ^ 0x7FFFFFFF, ckey).to(tl.float32, bitcast=True)
     k_ok = kcols < K
+    out_ok = row_ok[:, None] & k_ok[None, :]
+    if EXACT32:
+        # 16-bit logits leave the low bits free: the packed selection is exact, and the chosen logits
+        # decode from the keys themselves.
+        chosen, _ = _select_top(packed, K, K, BLOCK_K, LOW_MASK, False)
+        ids = LOW_MASK - (chosen & LOW_MASK)
+        ckey = chosen & ~LOW_MASK
+        vals = tl.where(ckey < 0, (-ckey) | (-2147483647 - 1), ckey).to(tl.float32, bitcast=True)
+    else:
+        # float32 uses every bit: select on truncated keys, one step further than K, and fall back to
+        # exact 64-bit keys (logit above, id below) for a tile where truncation may have misordered.
+        chosen, ambiguous = _select_top(packed, K + 1, K, BLOCK_K, LOW_MASK, True)
+        if tl.max(ambiguous.to(tl.int32), axis=0) > 0:
+            wide = (key.to(tl.int64) << 32) | (LOW_MASK - cols)[None, :].to(tl.int64)
+            chosen64, _ = _select_top(wide, K, K, BLOCK_K, LOW_MASK, False)
+            ids = (LOW_MASK - (chosen64 & 0xFFFFFFFF)).to(tl.int32)
+        else:
+            ids = LOW_MASK - (chosen & LOW_MASK)
+        # The exact chosen logits: a re-read of K values per row that the tile load just cached.
+        vals = tl.load(logits_ptr + rows[:, None] * stride_lt + ids * stride_le, mask=out_ok).to(tl.float32)
+
+    # Column 0 holds the row's largest logit (a sum of one term keeps NaN, unlike max).
+    row_max = tl.sum(tl.where(kcols[None, :] == 0, vals, 0.0), axis=1)
+    num = tl.where(k_ok[None, :], tl.exp(vals - row_max[:, None]), 0.0)
     if RENORMALIZE:
-        # Softmax over the K winners; the first winner is the row's largest chosen logit.
-        top = tl.max(tl.where(k_ok[None, :], ckey, -2147483648), axis=1)
-        row_max = tl.where(top < 0, top ^ 0x7FFFFFFF, top).to(tl.float32, bitcast=True)
-        num = tl.where(k_ok[None, :], tl.exp(vals - row_max[:, None]), 0.0)
         denom = tl.sum(num, axis=1)
     else:
-        num = tl.exp(vals - row_max[:, None])
+        denom = tl.sum(tl.exp(x - row_max[:, None]), axis=1)  # softmax over all E experts
     weights = num / denom[:, None]
     # A row whose best logit is -inf has no usable expert: weight 0, never NaN. (NaN and +inf
     # maxima keep their NaN weights, as torch.softmax gives.)
     weights = tl.where(row_max[:, None] == float("-inf"), 0.0, weights)
-
-    out_ok = row_ok[:, None] & k_ok[None, :]
     if HAS_SCALE:
         weights = weights * tl.load(scale_ptr + ids, mask=out_ok, other=1.0).to(tl.float32)
     tl.store(weights_ptr + rows[:, None] * stride_wt + kcols[None, :] * stride_wk, weights, mask=out_ok)
@@ -156,6 +182,7 @@ if triton is not None:
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
+    _select_top = triton.jit(_select_top)
     _compiled_kernel = triton.jit(_route_kernel)
     # The same source, run by Triton's CPU interpreter on CPU tensors (debugging and CPU CI).
     _interpreted_kernel = InterpretedFunction(_route_kernel)
@@ -182,14 +209,34 @@ def _library_helpers_interpreted():
         JITFunction.__call__ = original
 
 
-def packs_to_32_bits(dtype: torch.dtype, block_e: int) -> bool:
+def exact_in_32_bits(dtype: torch.dtype, block_e: int) -> bool:
     """Whether the 32-bit packed key is exact for ``dtype`` logits over ``block_e`` columns.
 
     float32 widened from bfloat16 leaves 16 low mantissa bits zero, from float16 13; the inverted
-    expert id needs ``log2(block_e)`` of them.
+    expert id needs ``log2(block_e)`` of them. float32 logits have none free.
     """
     free_bits = {torch.bfloat16: 16, torch.float16: 13}.get(dtype, 0)
     return block_e.bit_length() - 1 <= free_bits
+
+
+def constexprs(dtype: torch.dtype, num_experts: int, topk: int, config: LaunchConfig, renormalize: bool,
+               has_scale: bool) -> dict:
+    """The kernel's compile-time arguments for one call shape (also used by ahead-of-time compiles)."""
+    block_e = triton.next_power_of_2(num_experts)
+    return {
+        "K": topk,
+        "BLOCK_T": config.clamp(block_e).rows_per_program,
+        "BLOCK_E": block_e,
+        "BLOCK_K": triton.next_power_of_2(topk),
+        "EVEN_E": num_experts == block_e,
+        "HAS_SCALE": has_scale,
+        "RENORMALIZE": renormalize,
+        "EXACT32": exact_in_32_bits(dtype, block_e),
+    }
+
+
+# Rows per launch: row indices stay in int32 inside the kernel.
+MAX_ROWS_PER_LAUNCH = 1 << 30
 
 
 def launch(
@@ -211,33 +258,26 @@ def launch(
     if triton is None:
         raise RuntimeError(f"the Triton kernel needs the triton package ({TRITON_IMPORT_ERROR})")
     T, E = logits.shape
-    if T == 0:
-        return
-    block_e = triton.next_power_of_2(E)
-    cfg = config.clamp(block_e)
+    meta = constexprs(logits.dtype, E, topk, config, renormalize, scale is not None)
     kernel = _interpreted_kernel if interpret else _compiled_kernel
-    grid = (math.ceil(T / cfg.rows_per_program),)
     with _library_helpers_interpreted() if interpret else contextlib.nullcontext():
-        kernel[grid](
-            logits,
-            scale if scale is not None else weights,  # never read when HAS_SCALE is False
-            weights,
-            ids,
-            T,
-            E,
-            logits.stride(0),
-            logits.stride(1),
-            weights.stride(0),
-            weights.stride(1),
-            ids.stride(0),
-            ids.stride(1),
-            K=topk,
-            BLOCK_T=cfg.rows_per_program,
-            BLOCK_E=block_e,
-            BLOCK_K=triton.next_power_of_2(topk),
-            HAS_SCALE=scale is not None,
-            RENORMALIZE=renormalize,
-            PACK32=packs_to_32_bits(logits.dtype, block_e),
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        )
+        for start in range(0, T, MAX_ROWS_PER_LAUNCH):
+            rows = min(T - start, MAX_ROWS_PER_LAUNCH)
+            x, w, i = logits[start:start + rows], weights[start:start + rows], ids[start:start + rows]
+            kernel[(math.ceil(rows / meta["BLOCK_T"]),)](
+                x,
+                scale if scale is not None else w,  # never read when HAS_SCALE is False
+                w,
+                i,
+                rows,
+                E,
+                x.stride(0),
+                x.stride(1),
+                w.stride(0),
+                w.stride(1),
+                i.stride(0),
+                i.stride(1),
+                num_warps=config.num_warps,
+                num_stages=config.num_stages,
+                **meta,
+            )

@@ -175,3 +175,13 @@ def test_oracle_agrees_with_a_lexicographic_sort(gen):
     keys = [(c, -np.nan_to_num(r, nan=0.0), -np.isnan(r).astype(int)) for r, c in zip(a, col, strict=True)]
     expect = np.stack([np.lexsort(k) for k in keys])
     assert (ids.numpy() == expect).all()
+
+
+def test_float32_logits_a_few_ulps_apart(target, gen):
+    """Logits that differ only in their lowest mantissa bits: exact order, not a truncated one."""
+    _, device = target
+    base = torch.randn(128, 1, generator=gen)
+    ulps = torch.randint(-300, 300, (128, 128), generator=gen, dtype=torch.int32)
+    logits = (base.view(torch.int32) + ulps).view(torch.float32).to(device)
+    weights, ids = g4route.route(logits, 8)
+    assert_routes_like_oracle((weights, ids), logits, 8)
