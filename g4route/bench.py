@@ -1,8 +1,9 @@
 """``g4route bench``: g4route against the PyTorch reference (eager and compiled) and the bandwidth floor.
 
-Every implementation's output is checked against the float64 oracle before it is timed. Small token
-counts are timed as CUDA-graph replays (launch cost removed); large ones with device events, rotating
-among input copies larger than the L2 cache so the cache does not flatter the kernel.
+Every implementation's output is checked against the float64 oracle before it is timed. On CUDA every
+size is timed as CUDA-graph replays (so the host's launch cost, tens of microseconds from Python, does
+not hide the kernel's own time), each replay cycling through input copies larger than the L2 cache so
+that the cache does not flatter a size that would fit in it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from . import kernel, registry, timing
 from .api import route
 from .reference import reference_route
 
-GRAPH_MAX_TOKENS = 4096
 _ROTATE_BYTES = 256 << 20  # input copies per size: more than any current GPU's L2
 
 
@@ -55,6 +55,15 @@ def _inputs(tokens: int, num_experts: int, dtype: torch.dtype, device: torch.dev
     if rotate:
         copies = max(1, min(16, _ROTATE_BYTES // max(1, tokens * num_experts * dtype.itemsize)))
     return [torch.randn(tokens, num_experts, device=device).mul_(2).to(dtype) for _ in range(copies)]
+
+
+def time_us(fn: Callable, inputs: list[torch.Tensor], device: torch.device) -> float:
+    """Median microseconds of ``fn(x)`` with ``x`` cycling through ``inputs``: graph replay on CUDA,
+    device events elsewhere."""
+    call = _Rotating(fn, inputs)
+    if device.type == "cuda":
+        return timing.graph_median_us(call, device, calls=max(20, len(inputs)))
+    return timing.median_us(call, device)
 
 
 class _Rotating:
@@ -106,8 +115,7 @@ def run_bench(
     for dtype in dtypes:
         for t in tokens:
             progress(f"{str(dtype).removeprefix('torch.')} T={t}")
-            use_graph = on_gpu and device.type == "cuda" and t <= GRAPH_MAX_TOKENS
-            inputs = _inputs(t, num_experts, dtype, device, rotate=on_gpu and not use_graph)
+            inputs = _inputs(t, num_experts, dtype, device, rotate=on_gpu)
             oracle = reference_route(inputs[0], topk, scale, True, torch.float64)
             impls: dict[str, Callable] = {"eager": lambda x: reference_route(x, topk, scale, True)}
             if on_gpu and backend.uses_kernel:
@@ -118,8 +126,7 @@ def run_bench(
             times = {}
             for name, fn in impls.items():
                 _check(name, fn(inputs[0]), oracle, num_experts)
-                call = _Rotating(fn, inputs)
-                times[name] = timing.graph_median_us(call, device) if use_graph else timing.median_us(call, device)
+                times[name] = time_us(fn, inputs, device)
             floor = None
             if on_gpu:
                 nbytes = t * num_experts * dtype.itemsize + t * topk * 8

@@ -168,7 +168,7 @@ def _route_kernel(
         denom = tl.sum(num, axis=1)
     else:
         denom = tl.sum(tl.exp(x - row_max[:, None]), axis=1)  # softmax over all E experts
-    weights = num / denom[:, None]
+    weights = num * (1.0 / denom)[:, None]  # one division per row
     # A row whose best logit is -inf has no usable expert: weight 0, never NaN. (NaN and +inf
     # maxima keep their NaN weights, as torch.softmax gives.)
     weights = tl.where(row_max[:, None] == float("-inf"), 0.0, weights)

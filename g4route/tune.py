@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from . import kernel, registry, timing
-from .bench import GRAPH_MAX_TOKENS, _check, _device_name, _inputs, _Rotating
+from . import kernel, registry
+from .bench import _check, _device_name, _inputs, time_us
 from .configs import parse_table
 from .kernel import LaunchConfig
 from .reference import reference_route
@@ -53,8 +53,7 @@ def sweep(
     block_e = 1 << (num_experts - 1).bit_length()
     results = {}
     for t in tokens:
-        use_graph = device.type == "cuda" and t <= GRAPH_MAX_TOKENS
-        inputs = _inputs(t, num_experts, dtype, device, rotate=not use_graph)
+        inputs = _inputs(t, num_experts, dtype, device, rotate=True)
         oracle = reference_route(inputs[0], topk, scale, True, torch.float64)
         out = (torch.empty(t, topk, device=device), torch.empty(t, topk, dtype=torch.int32, device=device))
         measured = []
@@ -67,9 +66,7 @@ def sweep(
             except AssertionError as exc:
                 progress(f"  REJECTED {cfg}: {exc}")
                 continue
-            fn = _Rotating(call, inputs)
-            us = timing.graph_median_us(fn, device) if use_graph else timing.median_us(fn, device)
-            measured.append((cfg, us))
+            measured.append((cfg, time_us(call, inputs, device)))
         best = min(measured, key=lambda m: m[1])
         progress(f"{str(dtype).removeprefix('torch.')} T={t}: best {best[0]} {best[1]:.2f} us "
                  f"({len(measured)} candidates)")
