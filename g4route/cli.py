@@ -96,7 +96,7 @@ def cmd_bench(args) -> int:
 def cmd_tune(args) -> int:
     from . import tune
 
-    args.tokens = args.tokens or [4**i for i in range(10)]
+    args.tokens = args.tokens or [1, 16, 256, 4096, 65536, 262144]
     print(tune.run_tune(args, _progress(args.quiet)))
     return 0
 
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="sweep launch configs on this GPU and emit a table family for backends/")
     shape_args(p)
     p.add_argument("--device", default="cuda", help="GPU to tune on (default cuda)")
-    p.add_argument("--tokens", type=_tokens, help="token counts to tune at (default: powers of 4 to 262144)")
+    p.add_argument("--tokens", type=_tokens, help="token counts to tune at (default 1,16,256,4096,65536,262144)")
     p.add_argument("--dtypes", type=_dtypes, default=["float32", "bfloat16"],
                    help="float32 and/or bfloat16 (bfloat16 rows also serve float16); default both")
     p.add_argument("--stages", type=_tokens, default=[1], help="num_stages values to try (default 1)")

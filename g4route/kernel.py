@@ -61,35 +61,36 @@ class LaunchConfig:
         return LaunchConfig(1 << (rows.bit_length() - 1), self.num_warps, self.num_stages)
 
 
-def _select_top(packed, NSEL: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr, LOW_MASK: tl.constexpr,
-                CHECK_TIES: tl.constexpr):
-    """The ``K`` largest packed keys of each row, in descending order, as a ``[rows, BLOCK_K]`` tile.
+def _select_into(packed, ids_row, vals_row, stride_k, row_ok, NSEL: tl.constexpr, K: tl.constexpr,
+                 LOW_MASK: tl.constexpr, STORE_VALS: tl.constexpr, CHECK_TIES: tl.constexpr):
+    """Select the ``K`` largest packed keys of each row in descending order, storing each winner's id
+    (and, with ``STORE_VALS``, its decoded logit) at ``ids_row + k * stride_k`` as it is found.
 
-    Each step finds the largest key below the previous winner: with ``c = previous - 1``, the smallest
-    unsigned ``c - key`` belongs to the largest key ``<= c`` (keys above ``c`` wrap to huge values),
-    so a step costs a subtraction and an unsigned min per element and never writes the tile back.
-    With ``CHECK_TIES`` it takes ``NSEL = K + 1`` steps and reports the rows where two consecutive
-    winners agree above ``LOW_MASK``: only there can truncated keys have ordered wrongly.
+    Each step after the first finds the largest key below the previous winner: with
+    ``c = previous - 1`` the smallest unsigned ``c - key`` belongs to the largest key ``<= c`` (keys
+    above ``c`` wrap to huge values), so a step is a subtraction and an unsigned min per element and the
+    tile is never written back. With ``CHECK_TIES`` it takes ``NSEL = K + 1`` steps and returns the rows
+    where two consecutive winners agree above ``LOW_MASK``: only there can truncated keys misorder.
     """
-    kcols = tl.arange(0, BLOCK_K)
     best = tl.max(packed, axis=1)
-    chosen = tl.where(kcols[None, :] == 0, best[:, None], 0)
     ambiguous = best < best  # all False, in the rows' layout
-    for k in tl.static_range(1, NSEL):
-        c = best - 1
-        if packed.dtype == tl.int64:
-            gap = (c[:, None] - packed).to(tl.uint64, bitcast=True)
-            step = tl.min(gap, axis=1).to(tl.int64, bitcast=True)
-        else:
-            gap = (c[:, None] - packed).to(tl.uint32, bitcast=True)
-            step = tl.min(gap, axis=1).to(tl.int32, bitcast=True)
-        nxt = c - step
-        if CHECK_TIES:
-            ambiguous = ambiguous | ((nxt & ~LOW_MASK) == (best & ~LOW_MASK))
+    for k in tl.static_range(NSEL):
+        if k > 0:
+            c = best - 1
+            if packed.dtype == tl.int64:
+                step = tl.min((c[:, None] - packed).to(tl.uint64, bitcast=True), axis=1).to(tl.int64, bitcast=True)
+            else:
+                step = tl.min((c[:, None] - packed).to(tl.uint32, bitcast=True), axis=1).to(tl.int32, bitcast=True)
+            if CHECK_TIES:
+                ambiguous = ambiguous | (((c - step) & ~LOW_MASK) == (best & ~LOW_MASK))
+            best = c - step
         if k < K:
-            chosen = tl.where(kcols[None, :] == k, nxt[:, None], chosen)
-        best = nxt
-    return chosen, ambiguous
+            tl.store(ids_row + k * stride_k, (LOW_MASK - (best & LOW_MASK)).to(tl.int32), mask=row_ok)
+            if STORE_VALS:
+                key = (best & ~LOW_MASK).to(tl.int32)
+                val = tl.where(key < 0, (-key) | (-2147483647 - 1), key).to(tl.float32, bitcast=True)
+                tl.store(vals_row + k * stride_k, val, mask=row_ok)
+    return ambiguous
 
 
 def _route_kernel(
@@ -138,32 +139,36 @@ def _route_kernel(
     LOW_MASK: tl.constexpr = BLOCK_E - 1
     packed = (key & ~LOW_MASK) | (LOW_MASK - cols)[None, :]
 
-    kcols = tl.arange(0, BLOCK_K)
-    k_ok = kcols < K
-    out_ok = row_ok[:, None] & k_ok[None, :]
+    # Phase 1 writes each winner as it is found: the winners come out of the reductions replicated
+    # across the threads that share a row, and working on them there would repeat the epilogue as many
+    # times. Phase 2 reads them back one element per thread.
+    ids_row = ids_ptr + rows * stride_it
+    vals_row = weights_ptr + rows * stride_wt  # scratch for the chosen logits until phase 2
     if EXACT32:
         # 16-bit logits leave the low bits free: the packed selection is exact, and the chosen logits
         # decode from the keys themselves.
-        chosen, _ = _select_top(packed, K, K, BLOCK_K, LOW_MASK, False)
-        ids = LOW_MASK - (chosen & LOW_MASK)
-        ckey = chosen & ~LOW_MASK
-        vals = tl.where(ckey < 0, (-ckey) | (-2147483647 - 1), ckey).to(tl.float32, bitcast=True)
+        _select_into(packed, ids_row, vals_row, stride_ik, row_ok, K, K, LOW_MASK, True, False)
     else:
-        # float32 uses every bit: select on truncated keys, one step further than K, and fall back to
-        # exact 64-bit keys (logit above, id below) for a tile where truncation may have misordered.
-        chosen, ambiguous = _select_top(packed, K + 1, K, BLOCK_K, LOW_MASK, True)
+        # float32 uses every bit: select on truncated keys, one step further than K, and redo a tile
+        # with exact 64-bit keys (logit above, id below) if truncation may have misordered a row.
+        ambiguous = _select_into(packed, ids_row, vals_row, stride_ik, row_ok, K + 1, K, LOW_MASK, False, True)
         if tl.max(ambiguous.to(tl.int32), axis=0) > 0:
             wide = (key.to(tl.int64) << 32) | (LOW_MASK - cols)[None, :].to(tl.int64)
-            chosen64, _ = _select_top(wide, K, K, BLOCK_K, LOW_MASK, False)
-            ids = (LOW_MASK - (chosen64 & 0xFFFFFFFF)).to(tl.int32)
-        else:
-            ids = LOW_MASK - (chosen & LOW_MASK)
-        # The exact chosen logits: a re-read of K values per row that the tile load just cached.
-        vals = tl.load(logits_ptr + rows[:, None] * stride_lt + ids * stride_le, mask=out_ok).to(tl.float32)
+            _select_into(wide, ids_row, vals_row, stride_ik, row_ok, K, K, LOW_MASK, False, False)
+    tl.debug_barrier()  # phase 1's stores are visible to every thread of the program
 
+    kcols = tl.arange(0, BLOCK_K)
+    out_ok = row_ok[:, None] & (kcols < K)[None, :]
+    ids = tl.load(ids_ptr + rows[:, None] * stride_it + kcols[None, :] * stride_ik, mask=out_ok, other=0)
+    if EXACT32:
+        vals = tl.load(weights_ptr + rows[:, None] * stride_wt + kcols[None, :] * stride_wk, mask=out_ok, other=0.0)
+    else:
+        # The exact chosen float32 logits: K values per row that the tile load has just cached.
+        vals = tl.load(logits_ptr + rows[:, None] * stride_lt + ids * stride_le, mask=out_ok, other=0.0)
+        vals = vals.to(tl.float32)
     # Column 0 holds the row's largest logit (a sum of one term keeps NaN, unlike max).
     row_max = tl.sum(tl.where(kcols[None, :] == 0, vals, 0.0), axis=1)
-    num = tl.where(k_ok[None, :], tl.exp(vals - row_max[:, None]), 0.0)
+    num = tl.where(out_ok, tl.exp(vals - row_max[:, None]), 0.0)
     if RENORMALIZE:
         denom = tl.sum(num, axis=1)
     else:
@@ -175,14 +180,13 @@ def _route_kernel(
     if HAS_SCALE:
         weights = weights * tl.load(scale_ptr + ids, mask=out_ok, other=1.0).to(tl.float32)
     tl.store(weights_ptr + rows[:, None] * stride_wt + kcols[None, :] * stride_wk, weights, mask=out_ok)
-    tl.store(ids_ptr + rows[:, None] * stride_it + kcols[None, :] * stride_ik, ids, mask=out_ok)
 
 
 if triton is not None:
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
-    _select_top = triton.jit(_select_top)
+    _select_into = triton.jit(_select_into)
     _compiled_kernel = triton.jit(_route_kernel)
     # The same source, run by Triton's CPU interpreter on CPU tensors (debugging and CPU CI).
     _interpreted_kernel = InterpretedFunction(_route_kernel)

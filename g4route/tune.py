@@ -28,12 +28,20 @@ WARPS = (1, 2, 4, 8)
 DTYPE_GROUPS = {"float32": ("float32",), "bfloat16": ("bfloat16", "float16")}
 
 
+# Logits per thread worth trying: fewer leaves threads idle, more spills or starves the SM of warps.
+MIN_PER_THREAD, MAX_PER_THREAD = 4, 32
+
+
 def candidates(tokens: int, block_e: int, stages: tuple[int, ...]) -> list[LaunchConfig]:
-    """Distinct configs worth timing at ``tokens`` rows (no tile taller than the work)."""
+    """Distinct configs worth timing at ``tokens`` rows: no tile taller than the work, and a tile that
+    gives each thread between MIN_PER_THREAD and MAX_PER_THREAD logits (compiles are the slow part)."""
     seen = []
     for rows, warps, st in itertools.product(ROWS, WARPS, stages):
         cfg = LaunchConfig(rows, warps, st).clamp(block_e)
+        per_thread = cfg.rows_per_program * block_e / (32 * cfg.num_warps)
         if cfg.rows_per_program > max(1, 1 << (tokens - 1).bit_length()) or cfg in seen:
+            continue
+        if not MIN_PER_THREAD <= per_thread <= MAX_PER_THREAD and not (cfg.rows_per_program == 1 and warps == 1):
             continue
         seen.append(cfg)
     return seen
