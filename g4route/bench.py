@@ -145,7 +145,7 @@ def host_overhead(device: torch.device, num_experts: int, topk: int) -> dict[str
     scale = torch.rand(num_experts, device=device)
     out = (torch.empty(1, topk, device=device), torch.empty(1, topk, dtype=torch.int32, device=device))
     config = backend.config_for(device, 1, logits.dtype)
-    bare = lambda: kernel.launch(logits, topk, scale, True, out[0], out[1], config)  # noqa: E731
+    bare = kernel.bare_launcher(logits, topk, scale, True, out[0], out[1], config)
     routed = lambda: route(logits, topk, scale, out=out)  # noqa: E731
     bare_us = timing.host_us_per_call(bare, device)
     route_us = timing.host_us_per_call(routed, device)

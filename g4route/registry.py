@@ -163,8 +163,19 @@ def select(
     it cannot run (a shape past the kernel's limits, or no Triton) the PyTorch reference does the
     work, and ``g4route info`` shows the reason.
     """
-    facts = facts or platforms.probe()
     forced = env.get(ENV_VAR, "").strip()
+    if facts is None:  # this process's platform: the answer depends only on the key below
+        return _select_here(device, num_experts, topk, forced)
+    return _decide(device, num_experts, topk, facts, forced)
+
+
+@functools.lru_cache(maxsize=1024)
+def _select_here(device: torch.device, num_experts: int, topk: int, forced: str) -> Backend:
+    # route() asks this on every call; a cached answer keeps the host overhead small.
+    return _decide(device, num_experts, topk, platforms.probe(), forced)
+
+
+def _decide(device: torch.device, num_experts: int, topk: int, facts: PlatformFacts, forced: str) -> Backend:
     if forced:
         backend = get(forced)
         reason = why_not(backend, device, num_experts, topk, facts)
