@@ -29,7 +29,7 @@ DTYPE_GROUPS = {"float32": ("float32",), "bfloat16": ("bfloat16", "float16")}
 
 
 # Logits per thread worth trying: fewer leaves threads idle, more spills or starves the SM of warps.
-MIN_PER_THREAD, MAX_PER_THREAD = 4, 32
+MIN_PER_THREAD, MAX_PER_THREAD = 4, 64
 
 
 def candidates(tokens: int, block_e: int, stages: tuple[int, ...]) -> list[LaunchConfig]:
