@@ -65,7 +65,7 @@ def _check_out(out: object, logits: torch.Tensor, topk: int) -> tuple[torch.Tens
             raise TypeError(f"out {name} must be a torch.Tensor, got {type(tensor).__name__}")
         if tensor.dtype != dtype:
             raise TypeError(f"out {name} must be {dtype}, got {tensor.dtype}")
-        if tuple(tensor.shape) != shape:
+        if tensor.shape != shape:
             raise ValueError(f"out {name} must have shape {list(shape)}, got {list(tensor.shape)}")
         if tensor.device != logits.device:
             raise ValueError(f"out {name} is on {tensor.device}, but gating_output is on {logits.device}")
@@ -75,6 +75,8 @@ def _check_out(out: object, logits: torch.Tensor, topk: int) -> tuple[torch.Tens
 
 def _rows(tensor: torch.Tensor, name: str) -> torch.Tensor:
     """A 2-D view of an output; a copy would silently drop the results."""
+    if tensor.dim() == 2:
+        return tensor
     try:
         return tensor.view(-1, tensor.shape[-1])
     except RuntimeError:
@@ -121,6 +123,6 @@ def route(
     backend = registry.select(logits.device, num_experts, topk)
     # reshape is a view whenever the leading dims collapse (strided rows included); only logits
     # whose leading dims cannot be flattened in place are copied.
-    backend.run(logits.reshape(-1, num_experts), topk, scale, renormalize,
-                _rows(weights, "weights"), _rows(ids, "ids"))
+    rows = logits if logits.dim() == 2 else logits.reshape(-1, num_experts)
+    backend.run(rows, topk, scale, renormalize, _rows(weights, "weights"), _rows(ids, "ids"))
     return weights, ids

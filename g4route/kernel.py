@@ -265,6 +265,12 @@ def launch(
         raise RuntimeError(f"the Triton kernel needs the triton package ({TRITON_IMPORT_ERROR})")
     T, E = logits.shape
     meta = constexprs(logits.dtype, E, topk, config, renormalize, scale is not None)
+    if not interpret and T <= MAX_ROWS_PER_LAUNCH:  # the common case, kept lean: it runs on every call
+        if T:
+            _compiled_kernel[(-(-T // meta["BLOCK_T"]),)](
+                logits, weights if scale is None else scale, weights, ids, T, E, *logits.stride(),
+                *weights.stride(), *ids.stride(), num_warps=config.num_warps, num_stages=config.num_stages, **meta)
+        return
     kernel = _interpreted_kernel if interpret else _compiled_kernel
     with _library_helpers_interpreted() if interpret else contextlib.nullcontext():
         for start in range(0, T, MAX_ROWS_PER_LAUNCH):
