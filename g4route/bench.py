@@ -108,6 +108,10 @@ def run_bench(
     if on_gpu:
         progress("measuring copy bandwidth")
         meta["copy_bandwidth_GBps"] = timing.copy_bandwidth(device) / 1e9
+    if device.type == "cuda":
+        # What one tiny kernel costs in graph replay: the floor under every small-T time.
+        one = torch.zeros(1, device=device)
+        meta["tiny_kernel_graph_us"] = time_us(lambda x: x.add_(1), [one], device)
     torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
     compiled = {m: _compiled_reference(m, topk, True) for m in compile_modes}
     scale = (torch.rand(num_experts, device=device) + 0.5).float()
@@ -172,6 +176,8 @@ def format_table(rows: list[Row], meta: dict, compile_modes: list[str]) -> str:
              f"torch {meta['torch']} triton {meta['triton']} | {meta['date']}"]
     if "copy_bandwidth_GBps" in meta:
         lines.append(f"# copy bandwidth {meta['copy_bandwidth_GBps']:,.0f} GB/s (read + write)")
+    if "tiny_kernel_graph_us" in meta:
+        lines.append(f"# a one-element add_ kernel in graph replay: {meta['tiny_kernel_graph_us']:.2f} us")
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     speedups: dict[str, list[float]] = {}
     for r in rows:
