@@ -78,7 +78,9 @@ class _Rotating:
 
 
 def _compiled_reference(mode: str, topk: int, renormalize: bool) -> Callable:
-    fn = torch.compile(reference_route, mode=None if mode == "default" else mode, dynamic=False)
+    # dynamic=True: one compilation serves every token count (per-shape compiles of max-autotune take
+    # minutes each and would dominate the run).
+    fn = torch.compile(reference_route, mode=None if mode == "default" else mode, dynamic=True)
     return lambda x, scale: fn(x, topk, scale, renormalize)
 
 
@@ -137,6 +139,7 @@ def run_bench(
                 floor = nbytes / (meta["copy_bandwidth_GBps"] * 1e9) * 1e6
             rows.append(Row(str(dtype).removeprefix("torch."), t, times.get("g4route"), times["eager"],
                             {m: times[m] for m in compile_modes}, floor))
+            progress("  " + ", ".join(f"{k} {v:.2f} us" for k, v in times.items()))
     if on_gpu and backend.uses_kernel:
         meta["host_overhead"] = host_overhead(device, num_experts, topk)
     return rows, meta
