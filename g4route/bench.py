@@ -12,6 +12,7 @@ import datetime
 import json
 import math
 import platform
+import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -154,8 +155,12 @@ def host_overhead(device: torch.device, num_experts: int, topk: int) -> dict[str
     config = backend.config_for(device, 1, logits.dtype)
     bare = kernel.bare_launcher(logits, topk, scale, True, out[0], out[1], config)
     routed = lambda: route(logits, topk, scale, out=out)  # noqa: E731
-    bare_us = timing.host_us_per_call(bare, device)
-    route_us = timing.host_us_per_call(routed, device)
+    # Alternate the two in several rounds: a shared host drifts, and a drift must not land on one side.
+    bare_runs, route_runs = [], []
+    for _ in range(7):
+        bare_runs.append(timing.host_us_per_call(bare, device, calls=1000))
+        route_runs.append(timing.host_us_per_call(routed, device, calls=1000))
+    bare_us, route_us = statistics.median(bare_runs), statistics.median(route_runs)
     return {"route_us": route_us, "bare_launch_us": bare_us, "ratio": route_us / bare_us}
 
 
@@ -202,8 +207,8 @@ def format_table(rows: list[Row], meta: dict, compile_modes: list[str]) -> str:
         lines.append("kernel numbers need a GPU: this run timed the PyTorch reference only")
     if "host_overhead" in meta:
         h = meta["host_overhead"]
-        lines.append(f"host overhead at T=1 (no graph): route() {h['route_us']:.2f} us, bare kernel launch "
-                     f"{h['bare_launch_us']:.2f} us, ratio {h['ratio']:.2f}")
+        lines.append(f"host overhead at T=1 (no graph, median of 7 alternating rounds): route() {h['route_us']:.2f} us, "
+                     f"bare Triton launch {h['bare_launch_us']:.2f} us, ratio {h['ratio']:.2f}")
     return "\n".join(lines)
 
 
