@@ -207,8 +207,9 @@ def format_table(rows: list[Row], meta: dict, compile_modes: list[str]) -> str:
         lines.append("kernel numbers need a GPU: this run timed the PyTorch reference only")
     if "host_overhead" in meta:
         h = meta["host_overhead"]
-        lines.append(f"host overhead at T=1 (no graph, median of 7 alternating rounds): route() {h['route_us']:.2f} us, "
-                     f"bare Triton launch {h['bare_launch_us']:.2f} us, ratio {h['ratio']:.2f}")
+        lines.append(f"host overhead at T=1 (no graph, median of 7 alternating rounds): "
+                     f"route() {h['route_us']:.2f} us, bare Triton launch {h['bare_launch_us']:.2f} us, "
+                     f"ratio {h['ratio']:.2f}")
     return "\n".join(lines)
 
 
