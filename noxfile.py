@@ -5,22 +5,32 @@
   kernel under Triton's interpreter.
 - ``test-cuda`` / ``test-rocm`` / ``test-xpu``: on a machine with that device, the device suite with
   that machine's own PyTorch (no virtualenv, no network); elsewhere they skip and say what is missing.
+- ``compile``: on any machine (no GPU needed), the kernel compiled ahead of time for NVIDIA (sm_80,
+  sm_90, sm_100) and AMD (gfx90a, gfx942, gfx950, gfx1100) with every config of the tuned tables;
+  fails on a compile error or a register spill (``python -m g4route.aot``).
+- ``compile-xpu``: the same for Intel (SPIR-V for the Arc Pro B60) with triton-xpu, which replaces
+  the triton package and so gets a virtualenv of its own.
 """
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 import sys
 
 import nox
 
-nox.options.sessions = ["tests", "lint"]
+nox.options.sessions = ["tests", "lint", "compile"]
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # The PyTorch for the CPU virtualenvs; override for another platform, e.g. G4ROUTE_TORCH="torch>=2.4".
 TORCH = os.environ.get("G4ROUTE_TORCH", "torch==2.13.0")
 TRITON = os.environ.get("G4ROUTE_TRITON", "triton==3.6.0")
 CPU_MARKERS = "not cuda and not rocm and not xpu"
+# Intel's Triton (the `intel` backend) and the SYCL runtime it builds against (DESIGN.md section 4).
+TRITON_XPU = os.environ.get("G4ROUTE_TRITON_XPU", "triton-xpu==3.3.0b1")
+SYCL_RT = os.environ.get("G4ROUTE_SYCL_RT", "intel-sycl-rt==2025.0.5")
 
 # What each device suite needs from the machine's own PyTorch, asked in a subprocess of that Python.
 _DEVICE_PROBES = {
@@ -38,7 +48,8 @@ _DEVICE_PROBES = {
 @nox.session
 def tests(session: nox.Session) -> None:
     """CPU suite: reference + the Triton kernel under the interpreter, against the float64 oracle."""
-    session.install(TORCH, TRITON, "numpy", "pytest")
+    # transformers: the Gemma 4 adapter is tested against the real package (a tiny random model).
+    session.install(TORCH, TRITON, "numpy", "pytest", "transformers==5.24.0")
     session.install("--no-deps", ROOT)  # a wheel build, not editable: the tables must ship in it
     # pytest's own script (not `python -m`) keeps the checkout off sys.path: the installed copy is tested.
     session.run("pytest", "-m", CPU_MARKERS, "-q", *session.posargs, env={"G4ROUTE_BACKEND": ""})
@@ -91,3 +102,54 @@ def bench(session: nox.Session) -> None:
     if not has_torch:
         session.install(TORCH, TRITON)
     session.run("python", "-m", "g4route", "bench", *session.posargs, env={"PYTHONPATH": ROOT})
+
+
+@nox.session(name="compile")
+def compile_kernels(session: nox.Session) -> None:
+    """Ahead-of-time compiles for every NVIDIA and AMD target and every tuned config; no GPU needed.
+
+    Prints registers, spills, shared and scratch memory per target and config, and fails on a compile
+    error or a spill. Arguments after ``--`` go to ``python -m g4route.aot`` (e.g. ``--targets gfx942``).
+    """
+    session.install(TORCH, TRITON, "numpy")
+    session.run("python", "-m", "g4route.aot", *session.posargs, env={"PYTHONPATH": ROOT})
+
+
+def _xpu_build_missing() -> list[str]:
+    """What this machine lacks for triton-xpu's Intel backend, which builds a small SYCL helper with a
+    C++ compiler and links it against Level Zero's loader when it starts, even with no Intel GPU."""
+    missing = []
+    if not sys.platform.startswith("linux"):
+        missing.append(f"triton-xpu wheels are for Linux, this is {sys.platform}")
+    cc = os.environ.get("CC", "g++")
+    if shutil.which(cc.split()[0]) is None:
+        missing.append(f"no C++ compiler {cc!r} (apt-get install g++, or set CC)")
+    ze_root = os.environ.get("ZE_PATH", "/usr/local")
+    dirs = [os.path.join(ze_root, "lib"), "/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib"]
+    if not any(glob.glob(os.path.join(d, "libze_loader.so")) for d in dirs):
+        missing.append("no libze_loader.so to link against (apt-get install libze-dev)")
+    return missing
+
+
+@nox.session(name="compile-xpu")
+def compile_xpu(session: nox.Session) -> None:
+    """Ahead-of-time compile for Intel: SPIR-V for the Arc Pro B60 with every config of backends/xpu.toml.
+
+    triton-xpu replaces the triton package, so it lives in this session's own virtualenv. Its SPIR-V
+    gets registers only in the driver; where ``ocloc`` is on PATH (Debian: apt-get install
+    intel-opencl-icd), it compiles the SPIR-V for Xe-HPC (``pvc``, the same GRF as Xe2) as a stand-in
+    and the session fails on a spill there too.
+    """
+    missing = _xpu_build_missing()
+    if missing:
+        session.skip("compile-xpu did not run: " + "; ".join(missing))
+    session.install(TORCH, "numpy")
+    session.install(TRITON_XPU, SYCL_RT)
+    args = ["--targets", "xpu"]
+    if shutil.which("ocloc"):
+        args += ["--ocloc-device", "pvc"]
+    else:
+        session.log("no ocloc on PATH: SPIR-V only, no register or spill counts "
+                    "(apt-get install intel-opencl-icd brings one that knows pvc)")
+    session.run("python", "-m", "g4route.aot", *args, *session.posargs,
+                env={"PYTHONPATH": ROOT, "CC": os.environ.get("CC", "g++")})

@@ -1,10 +1,16 @@
-"""``route()``: validate the call, pick a backend for the device, run it, return the outputs."""
+"""``route()``: validate the call, pick a backend for the device, run it, return the outputs.
+
+In eager code route() runs the backend directly; while something traces it (``torch.compile``,
+``torch.export``, a dispatch mode) it calls the ``g4route::route`` / ``g4route::route_out`` operators
+(``op.py``) instead, so the call is one node of the graph. Both paths validate first and end in the same
+``op.run``.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from . import registry
+from . import op
 
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -28,7 +34,8 @@ def _refuse_grad(tensor: torch.Tensor, name: str) -> None:
 
 
 def _check_topk(topk: object, num_experts: int) -> int:
-    if isinstance(topk, bool) or not isinstance(topk, int):
+    # A SymInt is an int that torch.compile traces symbolically (a topk passed in as a dynamic int).
+    if isinstance(topk, bool) or not isinstance(topk, (int, torch.SymInt)):
         raise TypeError(f"topk must be an int, got {type(topk).__name__}")
     if not 1 <= topk <= num_experts:
         raise ValueError(f"topk must be in [1, E] = [1, {num_experts}], got {topk}")
@@ -52,14 +59,9 @@ def _check_scale(scale: object, logits: torch.Tensor) -> torch.Tensor | None:
 
 
 def _check_out(out: object, logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    shape = (*logits.shape[:-1], topk)
-    if out is None:
-        return (
-            torch.empty(shape, dtype=torch.float32, device=logits.device),
-            torch.empty(shape, dtype=torch.int32, device=logits.device),
-        )
     if not isinstance(out, (tuple, list)) or len(out) != 2:
         raise TypeError("out must be a pair (weights, ids) of tensors")
+    shape = (*logits.shape[:-1], topk)
     for name, tensor, dtype in (("weights", out[0], torch.float32), ("ids", out[1], torch.int32)):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"out {name} must be a torch.Tensor, got {type(tensor).__name__}")
@@ -70,17 +72,39 @@ def _check_out(out: object, logits: torch.Tensor, topk: int) -> tuple[torch.Tens
         if tensor.device != logits.device:
             raise ValueError(f"out {name} is on {tensor.device}, but gating_output is on {logits.device}")
         _refuse_grad(tensor, f"out {name}")
+        # The backends write [T, K] rows; a copy would silently drop the results.
+        if not _rows_flatten_as_view(tensor):
+            raise ValueError(f"out {name}: its leading dimensions must be flattenable without a copy")
     return out[0], out[1]
 
 
-def _rows(tensor: torch.Tensor, name: str) -> torch.Tensor:
-    """A 2-D view of an output; a copy would silently drop the results."""
-    if tensor.dim() == 2:
-        return tensor
-    try:
-        return tensor.view(-1, tensor.shape[-1])
-    except RuntimeError:
-        raise ValueError(f"out {name}: its leading dimensions must be flattenable without a copy") from None
+def _rows_flatten_as_view(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor.view(-1, tensor.shape[-1])`` works: the leading dims, size-1 dims aside, nest
+    (each one's stride is the next inner one's stride times its size). Decided from the strides, not by
+    trying the view, so torch.compile traces it without an exception."""
+    if tensor.dim() <= 2 or tensor.numel() == 0:
+        return True
+    inner_extent = None  # stride * size of the nearest inner leading dim of size > 1
+    for size, stride in zip(reversed(tensor.shape[:-1]), reversed(tensor.stride()[:-1]), strict=True):
+        if size == 1:
+            continue
+        if inner_extent is not None and stride != inner_extent:
+            return False
+        inner_extent = stride * size
+    return True
+
+
+def _traced(logits: torch.Tensor) -> bool:
+    """Whether this call is being traced rather than run: torch.compile or torch.export (Dynamo), a
+    tensor subclass standing in for a tensor (FakeTensor, FunctionalTensor, ...), or a dispatch mode
+    (make_fx, FakeTensorMode). Then route() calls the operator, which tracers see as one opaque node."""
+    return _is_compiling() or type(logits) is not torch.Tensor or _dispatch_modes() > 0
+
+
+# Bound once: route() asks on every call. Dynamo must be asked first: it traces route() rather than
+# running it, so only is_compiling() (which it answers with a constant) is meaningful there.
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
 
 
 def route(
@@ -112,6 +136,10 @@ def route(
     Raises:
         TypeError, ValueError: naming the argument, for any call outside this contract, and for a
             ``G4ROUTE_BACKEND`` that is unknown or cannot run the call.
+
+    ``torch.compile`` (``fullgraph=True``, dynamic token counts) traces through route() without a graph
+    break: the call becomes one ``g4route::route`` (or, with ``out``, ``g4route::route_out``) operator
+    node, and the backend is still chosen, ``G4ROUTE_BACKEND`` included, each time the graph runs.
     """
     logits = _check_logits(gating_output)
     num_experts = logits.shape[-1]
@@ -119,10 +147,14 @@ def route(
     scale = _check_scale(per_expert_scale, logits)
     if not isinstance(renormalize, bool):
         raise TypeError(f"renormalize must be a bool, got {type(renormalize).__name__}")
-    weights, ids = _check_out(out, logits, topk)
-    backend = registry.select(logits.device, num_experts, topk)
-    # reshape is a view whenever the leading dims collapse (strided rows included); only logits
-    # whose leading dims cannot be flattened in place are copied.
-    rows = logits if logits.dim() == 2 else logits.reshape(-1, num_experts)
-    backend.run(rows, topk, scale, renormalize, _rows(weights, "weights"), _rows(ids, "ids"))
+    if out is None:
+        if _traced(logits):
+            return op.ROUTE(logits, topk, scale, renormalize)
+        weights, ids = op.empty_outputs(logits, topk)
+    else:
+        weights, ids = _check_out(out, logits, topk)
+        if _traced(logits):
+            op.ROUTE_OUT(logits, topk, scale, renormalize, weights, ids)
+            return weights, ids
+    op.run(logits, topk, scale, renormalize, weights, ids)
     return weights, ids

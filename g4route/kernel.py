@@ -203,9 +203,19 @@ def _library_helpers_interpreted():
     is what ``TRITON_INTERPRET=1`` would have made of it.
     """
     import numpy  # a dependency of Triton's interpreter
+    from triton.runtime.interpreter import _patch_lang
+
+    def call_interpreted(self, *args, **kwargs):
+        # What InterpretedFunction.__call__ does, except that the patches it makes to triton.language
+        # are undone afterwards: left in place, they break every later compile in this process.
+        scope = _patch_lang(self.fn)
+        try:
+            return InterpretedFunction(self.fn).rewrite()(*args, **kwargs)
+        finally:
+            scope.restore()
 
     original = JITFunction.__call__
-    JITFunction.__call__ = lambda self, *args, **kwargs: InterpretedFunction(self.fn)(*args, **kwargs)
+    JITFunction.__call__ = call_interpreted
     try:
         # NumPy warns on inf - inf and exp(nan); the kernel relies on IEEE results there, as a GPU does.
         with numpy.errstate(all="ignore"):

@@ -185,3 +185,20 @@ def test_float32_logits_a_few_ulps_apart(target, gen):
     logits = (base.view(torch.int32) + ulps).view(torch.float32).to(device)
     weights, ids = g4route.route(logits, 8)
     assert_routes_like_oracle((weights, ids), logits, 8)
+
+
+def test_interpreter_leaves_triton_language_as_it_found_it(monkeypatch):
+    """The interpreter backend patches triton.language while it runs; a patch left behind breaks every
+    later compile of a GPU kernel in the same process."""
+    tl = pytest.importorskip("triton.language")
+    if g4route.registry.why_not(g4route.registry.get("interpreter"), torch.device("cpu"), 8, 2):
+        pytest.skip("no Triton here")
+    monkeypatch.setenv("G4ROUTE_BACKEND", "interpreter")
+    g4route.route(torch.randn(9, 8), 2)  # first use: Triton's one-time set-up is not a leak
+    modules = (tl, tl.core, tl.core.tensor, tl.math)
+    before = [dict(vars(m)) for m in modules]
+    g4route.route(torch.randn(9, 8), 2)
+    for module, snapshot in zip(modules, before, strict=True):
+        after = dict(vars(module))
+        changed = sorted(k for k in snapshot.keys() | after.keys() if snapshot.get(k) is not after.get(k))
+        assert not changed, f"{module} still patched: {changed[:5]}"

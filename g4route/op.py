@@ -1,0 +1,98 @@
+"""``route()`` as two PyTorch operators, so ``torch.compile`` and ``torch.export`` trace through it.
+
+- ``torch.ops.g4route.route(gating_output, topk, per_expert_scale, renormalize) -> (weights, ids)``
+  allocates its outputs.
+- ``torch.ops.g4route.route_out(gating_output, topk, per_expert_scale, renormalize, weights, ids)``
+  writes into caller-owned buffers and returns nothing (its schema marks ``weights`` and ``ids`` mutated).
+
+Each has a fake (meta) implementation, so Dynamo and AOTAutograd see the outputs' shapes, symbolic token
+counts included, without running anything: a compiled model keeps the call as one node, with no graph
+break. The real implementation picks the backend when it runs, through ``registry.select``:
+``G4ROUTE_BACKEND`` is read on each call, in compiled code as in eager, and a compiled graph never pins a
+backend.
+
+``api.route`` is the way in for callers. It validates the arguments first (its errors name the argument),
+then calls these operators while something traces the call (``torch.compile``, ``torch.export``, a
+dispatch mode such as ``FakeTensorMode``) and, in plain eager code, the same :func:`run` directly: the
+dispatcher hop costs host time on every call and buys nothing there. The operators trust their
+arguments; calling them directly with arguments outside the contract is undefined.
+
+They are defined with ``torch.library.Library`` and a ``CompositeExplicitAutograd`` kernel rather than
+the ``torch.library.custom_op`` decorator: a no-op operator with this schema cost 40-80 us a call
+through ``custom_op`` on the (2-core) development host, whose autograd and in-place wrappers run in
+Python on every call, compiled code included, and 7-12 us through this registration. route() is not
+differentiable (it refuses inputs that require grad), so the ops register no autograd formula.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import registry
+
+__all__ = ["ROUTE", "ROUTE_OUT", "run"]
+
+_LIB = torch.library.Library("g4route", "DEF")
+_TAGS = (torch.Tag.pt2_compliant_tag,)
+_LIB.define(
+    "route(Tensor gating_output, SymInt topk, Tensor? per_expert_scale, bool renormalize) -> (Tensor, Tensor)",
+    tags=_TAGS,
+)
+_LIB.define(
+    "route_out(Tensor gating_output, SymInt topk, Tensor? per_expert_scale, bool renormalize, "
+    "Tensor(a!) weights, Tensor(b!) ids) -> ()",
+    tags=_TAGS,
+)
+
+
+def run(
+    logits: torch.Tensor,
+    topk: int,
+    scale: torch.Tensor | None,
+    renormalize: bool,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+) -> None:
+    """Route validated ``[..., E]`` logits into ``[..., K]`` buffers with the backend chosen for them."""
+    num_experts = logits.shape[-1]
+    backend = registry.select(logits.device, num_experts, topk)
+    # reshape is a view whenever the leading dims collapse (strided rows included); only logits whose
+    # leading dims cannot be flattened in place are copied. The outputs were checked to flatten as views
+    # (api._check_out), so what is written through these views reaches the caller's tensors.
+    rows = logits if logits.dim() == 2 else logits.reshape(-1, num_experts)
+    w_rows = weights if weights.dim() == 2 else weights.view(-1, topk)
+    id_rows = ids if ids.dim() == 2 else ids.view(-1, topk)
+    backend.run(rows, topk, scale, renormalize, w_rows, id_rows)
+
+
+def empty_outputs(logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous float32 weights and int32 ids ``[..., K]`` on the logits' device."""
+    shape = (*logits.shape[:-1], topk)
+    return logits.new_empty(shape, dtype=torch.float32), logits.new_empty(shape, dtype=torch.int32)
+
+
+def _route(gating_output, topk, per_expert_scale, renormalize):
+    weights, ids = empty_outputs(gating_output, topk)
+    run(gating_output, topk, per_expert_scale, renormalize, weights, ids)
+    return weights, ids
+
+
+def _route_out(gating_output, topk, per_expert_scale, renormalize, weights, ids):
+    run(gating_output, topk, per_expert_scale, renormalize, weights, ids)
+
+
+def _route_fake(gating_output, topk, per_expert_scale, renormalize):
+    return empty_outputs(gating_output, topk)
+
+
+def _route_out_fake(gating_output, topk, per_expert_scale, renormalize, weights, ids):
+    return None
+
+
+_LIB.impl("route", _route, "CompositeExplicitAutograd")
+_LIB.impl("route_out", _route_out, "CompositeExplicitAutograd")
+torch.library.register_fake("g4route::route", _route_fake, lib=_LIB)
+torch.library.register_fake("g4route::route_out", _route_out_fake, lib=_LIB)
+
+ROUTE = torch.ops.g4route.route.default
+ROUTE_OUT = torch.ops.g4route.route_out.default
