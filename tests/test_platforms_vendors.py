@@ -15,22 +15,13 @@ import torch
 
 from g4route import aot, kernel, platforms, registry
 from g4route.kernel import LaunchConfig
-from g4route.platforms import PlatformFacts
 
 CUDA0 = torch.device("cuda", 0)
 XPU0 = torch.device("xpu", 0)
 E, K = 128, 8
 
-_BASE = PlatformFacts(
-    torch_version="2.13.0",
-    cuda_version=None,
-    hip_version=None,
-    cuda_available=False,
-    xpu_available=False,
-    xpu_note="simulated: torch.xpu.is_available() is False",
-    triton_version="3.6.0",
-    triton_error=None,
-)
+from test_registry import _BASE  # noqa: E402  (the simulated CPU-only platform, shared)
+
 AMD = dataclasses.replace(_BASE, torch_version="2.13.0+rocm6.3", hip_version="6.3", cuda_available=True)
 INTEL = dataclasses.replace(_BASE, torch_version="2.13.0+xpu", xpu_available=True, xpu_note="native torch.xpu")
 
