@@ -18,7 +18,7 @@ import torch
 from .kernel import LaunchConfig
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_CONFIG_KEYS = {"rows_per_program", "num_warps", "num_stages"}
+_CONFIG_KEYS = {"rows_per_program", "num_warps", "num_stages", "lanes_per_row"}
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,7 @@ def _parse_bucket(raw: dict, where: str) -> Bucket:
             rows_per_program=int(raw["rows_per_program"]),
             num_warps=int(raw["num_warps"]),
             num_stages=int(raw.get("num_stages", 1)),
+            lanes_per_row=int(raw.get("lanes_per_row", 0)),
         )
     except KeyError as exc:
         raise ValueError(f"{where}: missing {exc.args[0]!r}") from None
@@ -95,6 +96,9 @@ def _parse_bucket(raw: dict, where: str) -> Bucket:
         value = getattr(config, knob)
         if value < 1 or value & (value - 1):
             raise ValueError(f"{where}: {knob} must be a power of two >= 1, got {value}")
+    lanes = config.lanes_per_row
+    if lanes < 0 or lanes & (lanes - 1):
+        raise ValueError(f"{where}: lanes_per_row must be 0 (a whole row per load) or a power of two, got {lanes}")
     dtypes = tuple(raw.get("dtypes", ()))
     bad = set(dtypes) - set(_DTYPE_NAMES.values())
     if bad:

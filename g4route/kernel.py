@@ -55,43 +55,68 @@ class LaunchConfig:
     rows_per_program: int
     num_warps: int
     num_stages: int = 1
+    # Lanes (threads) one row's logits are spread over, with 16-byte loads; 0: as many as one load of
+    # the whole row gives (E / vector width, capped by the warp).
+    lanes_per_row: int = 0
 
     def clamp(self, block_e: int) -> LaunchConfig:
         """Return this config with ``rows_per_program`` cut so the tile fits ``MAX_TILE_ELEMENTS``."""
         rows = max(1, min(self.rows_per_program, MAX_TILE_ELEMENTS // block_e))
-        return LaunchConfig(1 << (rows.bit_length() - 1), self.num_warps, self.num_stages)
+        return LaunchConfig(1 << (rows.bit_length() - 1), self.num_warps, self.num_stages, self.lanes_per_row)
+
+    def chunk(self, block_e: int, itemsize: int) -> int:
+        """Columns per chunk of the kernel's tile: ``lanes_per_row`` lanes of 16-byte vectors."""
+        if not self.lanes_per_row:
+            return block_e
+        return min(block_e, self.lanes_per_row * max(1, 16 // itemsize))
 
 
-def _select_into(packed, ids_row, vals_row, stride_k, row_ok, NSEL: tl.constexpr, K: tl.constexpr,
-                 LOW_MASK: tl.constexpr, STORE_VALS: tl.constexpr, CHECK_TIES: tl.constexpr):
-    """Select the ``K`` largest packed keys of each row in descending order, storing each winner's id
-    (and, with ``STORE_VALS``, its decoded logit) at ``ids_row + k * stride_k`` as it is found.
+def _order_keys(x, cols, E, EVEN_E: tl.constexpr):
+    """Signed 32-bit order keys of float32 logits: larger key == larger logit, exactly.
 
-    Each step after the first finds the largest key below the previous winner: with
-    ``c = previous - 1`` the smallest unsigned ``c - key`` belongs to the largest key ``<= c`` (keys
-    above ``c`` wrap to huge values), so a step is a subtraction and an unsigned min per element and the
-    tile is never written back. With ``CHECK_TIES`` it takes ``NSEL = K + 1`` steps and returns the rows
-    where two consecutive winners agree above ``LOW_MASK``: only there can truncated keys misorder.
+    On the bits, not by float compares (flush-to-zero cannot reorder subnormals). Adding +0.0 turns
+    -0.0 into +0.0 (IEEE) so the two tie; sign-magnitude becomes two's complement order (a negative
+    float maps to -magnitude - 1); every NaN maps to one key above +inf; padding columns (``cols >= E``)
+    to a key below -inf.
     """
-    best = tl.max(packed, axis=1)
-    ambiguous = best < best  # all False, in the rows' layout
-    for k in tl.static_range(NSEL):
-        if k > 0:
-            c = best - 1
-            if packed.dtype == tl.int64:
-                step = tl.min((c[:, None] - packed).to(tl.uint64, bitcast=True), axis=1).to(tl.int64, bitcast=True)
-            else:
-                step = tl.min((c[:, None] - packed).to(tl.uint32, bitcast=True), axis=1).to(tl.int32, bitcast=True)
-            if CHECK_TIES:
-                ambiguous = ambiguous | (((c - step) & ~LOW_MASK) == (best & ~LOW_MASK))
-            best = c - step
+    bits = (x + 0.0).to(tl.int32, bitcast=True)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    key = tl.where(x != x, 0x7FFFFFFF, key)
+    if not EVEN_E:
+        key = tl.where(cols < E, key, -2147483647 - 1)
+    return key
+
+
+def _top_k(q, K: tl.constexpr, NSEL: tl.constexpr, BLOCK_K: tl.constexpr, LOW_MASK: tl.constexpr):
+    """The ``K`` largest packed keys of each row, in descending order, as ``[rows, BLOCK_K]``.
+
+    ``q`` holds the complemented packed keys (``~key``) of a ``[rows, chunks, columns]`` tile. With ``b``
+    the last winner, ``b + q == (b - 1) - key``: as an unsigned number it is smallest for the largest key
+    below ``b`` (keys at or above ``b`` wrap to huge values). So a step is an add and an unsigned min per
+    element, and the tile is never written back. The chunk axis is reduced first: it lives in each
+    thread's registers, so only the last reduction crosses lanes.
+
+    Also returned, per row, for truncated keys: ``tied``, two of the K winners agree above ``LOW_MASK``
+    (their order is the ids', not yet the logits'); and ``open_end`` (with ``NSEL = K + 1`` steps), the
+    K-th winner and the next agree above ``LOW_MASK``, so the K-th place is not settled by these keys.
+    """
+    best = ~tl.min(tl.min(q, axis=1), axis=1)
+    kk = tl.arange(0, BLOCK_K)[None, :]
+    winners = tl.zeros([q.shape[0], BLOCK_K], dtype=q.dtype) + best[:, None]
+    tied = best < best  # all False, in the rows' layout
+    open_end = tied
+    for k in tl.static_range(1, NSEL):
+        step = tl.min(tl.min((best[:, None, None] + q).to(tl.uint32, bitcast=True), axis=1), axis=1)
+        step = step.to(tl.int32, bitcast=True)
+        following = best - 1 - step
+        same = (following & ~LOW_MASK) == (best & ~LOW_MASK)
+        best = following
         if k < K:
-            tl.store(ids_row + k * stride_k, (LOW_MASK - (best & LOW_MASK)).to(tl.int32), mask=row_ok)
-            if STORE_VALS:
-                key = (best & ~LOW_MASK).to(tl.int32)
-                val = tl.where(key < 0, (-key) | (-2147483647 - 1), key).to(tl.float32, bitcast=True)
-                tl.store(vals_row + k * stride_k, val, mask=row_ok)
-    return ambiguous
+            winners = tl.where(kk == k, best[:, None], winners)
+            tied = tied | same
+        else:
+            open_end = same
+    return winners, tied, open_end
 
 
 def _route_kernel(
@@ -111,6 +136,7 @@ def _route_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    CHUNK: tl.constexpr,
     EVEN_E: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     RENORMALIZE: tl.constexpr,
@@ -120,74 +146,89 @@ def _route_kernel(
     row_ok = rows32 < T
     # 64-bit offsets: T * E passes 2**31 at a quarter-million tokens and wide E.
     rows = rows32.to(tl.int64)
-    cols = tl.arange(0, BLOCK_E)
-    src = logits_ptr + rows[:, None] * stride_lt + cols[None, :] * stride_le
+    # The tile is [rows, chunks, CHUNK]: a load spreads only the CHUNK axis over lanes, so a row sits on
+    # CHUNK / (vector width) lanes with its chunks in registers. Fewer lanes a row, fewer shuffles a step.
+    NCHUNK: tl.constexpr = BLOCK_E // CHUNK
+    cols = (tl.arange(0, NCHUNK) * CHUNK)[None, :, None] + tl.arange(0, CHUNK)[None, None, :]
+    src = logits_ptr + rows[:, None, None] * stride_lt + cols * stride_le
     if EVEN_E:
-        x = tl.load(src, mask=row_ok[:, None], other=float("-inf")).to(tl.float32)
+        x = tl.load(src, mask=row_ok[:, None, None], other=float("-inf")).to(tl.float32)
     else:
-        x = tl.load(src, mask=row_ok[:, None] & (cols < E)[None, :], other=float("-inf")).to(tl.float32)
+        x = tl.load(src, mask=row_ok[:, None, None] & (cols < E), other=float("-inf")).to(tl.float32)
 
-    # Order key on the bits (no float compare, so flush-to-zero cannot reorder subnormals):
-    # sign-magnitude to two's complement (-0.0 and +0.0 both become 0), every NaN to one code above
-    # +inf whose low 16 bits are zero (so packing keeps it above +inf).
-    bits = x.to(tl.int32, bitcast=True)
-    mag = bits & 0x7FFFFFFF
-    key = tl.where(bits < 0, -mag, mag)
-    key = tl.where(mag > 0x7F800000, 0x7FFF0000, key)
-    if not EVEN_E:
-        key = tl.where((cols < E)[None, :], key, -2147483647 - 1)  # padding: below -inf, never chosen
-    # The inverted id in the low bits: one max yields the winner, and equal logits go to the lower id.
+    key = _order_keys(x, cols, E, EVEN_E)
+    # The packed key puts the inverted id (BLOCK_E - 1 - id) in the low bits, so one max yields the
+    # winner and equal logits go to the lower id; the selection works on its complement (see _top_k),
+    # whose low bits are the id itself.
     LOW_MASK: tl.constexpr = BLOCK_E - 1
-    packed = (key & ~LOW_MASK) | (LOW_MASK - cols)[None, :]
+    q = (~key & ~LOW_MASK) | cols
 
-    # Phase 1 writes each winner as it is found: the winners come out of the reductions replicated
-    # across the threads that share a row, and working on them there would repeat the epilogue as many
-    # times. Phase 2 reads them back one element per thread.
-    ids_row = ids_ptr + rows * stride_it
-    vals_row = weights_ptr + rows * stride_wt  # scratch for the chosen logits until phase 2
+    kk = tl.arange(0, BLOCK_K)[None, :]
+    out_ok = row_ok[:, None] & (kk < K)
     if EXACT32:
         # 16-bit logits leave the low bits free: the packed selection is exact, and the chosen logits
         # decode from the keys themselves.
-        _select_into(packed, ids_row, vals_row, stride_ik, row_ok, K, K, LOW_MASK, True, False)
+        winners, _, _ = _top_k(q, K, K, BLOCK_K, LOW_MASK)
+        ids = LOW_MASK - (winners & LOW_MASK)
+        high = winners & ~LOW_MASK
+        vals = ((high ^ ((high >> 31) & 0x7FFFFFFF)) & ~LOW_MASK).to(tl.float32, bitcast=True)
     else:
-        # float32 uses every bit: select on truncated keys, one step further than K, and redo a tile
-        # with exact 64-bit keys (logit above, id below) if truncation may have misordered a row.
-        ambiguous = _select_into(packed, ids_row, vals_row, stride_ik, row_ok, K + 1, K, LOW_MASK, False, True)
-        if tl.max(ambiguous.to(tl.int32), axis=0) > 0:
-            wide = (key.to(tl.int64) << 32) | (LOW_MASK - cols)[None, :].to(tl.int64)
-            _select_into(wide, ids_row, vals_row, stride_ik, row_ok, K, K, LOW_MASK, False, False)
-    tl.debug_barrier()  # phase 1's stores are visible to every thread of the program
-
-    kcols = tl.arange(0, BLOCK_K)
-    out_ok = row_ok[:, None] & (kcols < K)[None, :]
-    ids = tl.load(ids_ptr + rows[:, None] * stride_it + kcols[None, :] * stride_ik, mask=out_ok, other=0)
-    if EXACT32:
-        vals = tl.load(weights_ptr + rows[:, None] * stride_wt + kcols[None, :] * stride_wk, mask=out_ok, other=0.0)
-    else:
-        # The exact chosen float32 logits: K values per row that the tile load has just cached.
+        # float32 uses every bit, so the packed keys are truncated (monotone: a larger truncated key is
+        # a larger logit, equal ones can be in either order). One step past K tells whether the K-th
+        # place is settled.
+        winners, tied, open_end = _top_k(q, K, K + 1, BLOCK_K, LOW_MASK)
+        ids = LOW_MASK - (winners & LOW_MASK)
+        if tl.max(open_end.to(tl.int32), axis=0) > 0:
+            # Not settled in some row: logits that differ only in the truncated bits share the K-th
+            # place. The winners above that truncated key stay; the rest of the K come from the group
+            # sharing it, selected exactly on new packed keys of the bits truncation dropped and the id.
+            key = _order_keys(tl.load(src, mask=row_ok[:, None, None] & (cols < E), other=float("-inf")),
+                              cols, E, EVEN_E)
+            high = winners & ~LOW_MASK
+            kth = tl.sum(tl.where(kk == K - 1, high, 0), axis=1)
+            settled = tl.sum(((high > kth[:, None]) & (kk < K)).to(tl.int32), axis=1)
+            group = (key & ~LOW_MASK) == kth[:, None, None]
+            low = tl.where(group, (key & LOW_MASK) * BLOCK_E + (LOW_MASK - cols), -2147483647 - 1)
+            chosen, _, _ = _top_k(~low, K, K, BLOCK_K, LOW_MASK)
+            for j in tl.static_range(K):
+                pick = tl.sum(tl.where(kk == j, LOW_MASK - (chosen & LOW_MASK), 0), axis=1)
+                ids = tl.where(kk == settled[:, None] + j, pick[:, None], ids)
+            tied = tied | open_end
+        # The exact chosen logits: K values per row that the tile load has just cached.
         vals = tl.load(logits_ptr + rows[:, None] * stride_lt + ids * stride_le, mask=out_ok, other=0.0)
         vals = vals.to(tl.float32)
+        if tl.max(tied.to(tl.int32), axis=0) > 0:
+            # Winners with equal truncated keys came out in id order: sort the K by exact key (logit,
+            # then lower id) to put them in logit order.
+            exact = (_order_keys(vals, kk, K, True).to(tl.int64) << 32) | (LOW_MASK - ids).to(tl.int64)
+            exact = tl.sort(tl.where(kk < K, exact, -9223372036854775807 - 1), dim=1, descending=True)
+            ids = (LOW_MASK - (exact & LOW_MASK)).to(tl.int32)
+            high = (exact >> 32).to(tl.int32)
+            vals = (high ^ ((high >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+
     # Column 0 holds the row's largest logit (a sum of one term keeps NaN, unlike max).
-    row_max = tl.sum(tl.where(kcols[None, :] == 0, vals, 0.0), axis=1)
+    row_max = tl.sum(tl.where(kk == 0, vals, 0.0), axis=1)
     num = tl.where(out_ok, tl.exp(vals - row_max[:, None]), 0.0)
     if RENORMALIZE:
         denom = tl.sum(num, axis=1)
     else:
-        denom = tl.sum(tl.exp(x - row_max[:, None]), axis=1)  # softmax over all E experts
+        denom = tl.sum(tl.sum(tl.exp(x - row_max[:, None, None]), axis=1), axis=1)  # softmax over all E
     weights = num * (1.0 / denom)[:, None]  # one division per row
     # A row whose best logit is -inf has no usable expert: weight 0, never NaN. (NaN and +inf
     # maxima keep their NaN weights, as torch.softmax gives.)
     weights = tl.where(row_max[:, None] == float("-inf"), 0.0, weights)
     if HAS_SCALE:
         weights = weights * tl.load(scale_ptr + ids, mask=out_ok, other=1.0).to(tl.float32)
-    tl.store(weights_ptr + rows[:, None] * stride_wt + kcols[None, :] * stride_wk, weights, mask=out_ok)
+    tl.store(weights_ptr + rows[:, None] * stride_wt + kk * stride_wk, weights, mask=out_ok)
+    tl.store(ids_ptr + rows[:, None] * stride_it + kk * stride_ik, ids, mask=out_ok)
 
 
 if triton is not None:
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
-    _select_into = triton.jit(_select_into)
+    _order_keys = triton.jit(_order_keys)
+    _top_k = triton.jit(_top_k)
     _compiled_kernel = triton.jit(_route_kernel)
     # The same source, run by Triton's CPU interpreter on CPU tensors (debugging and CPU CI).
     _interpreted_kernel = InterpretedFunction(_route_kernel)
@@ -244,6 +285,7 @@ def constexprs(dtype: torch.dtype, num_experts: int, topk: int, config: LaunchCo
         "BLOCK_T": config.clamp(block_e).rows_per_program,
         "BLOCK_E": block_e,
         "BLOCK_K": triton.next_power_of_2(topk),
+        "CHUNK": config.chunk(block_e, dtype.itemsize),
         "EVEN_E": num_experts == block_e,
         "HAS_SCALE": has_scale,
         "RENORMALIZE": renormalize,

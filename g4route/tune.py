@@ -24,6 +24,7 @@ from .reference import reference_route
 
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
 WARPS = (1, 2, 4, 8)
+LANES = (0, 1, 2, 4, 8)  # lanes per row; 0: a whole row per load
 # 16-bit logits share one kernel variant (PACK32); float32 has its own (64-bit keys).
 DTYPE_GROUPS = {"float32": ("float32",), "bfloat16": ("bfloat16", "float16")}
 
@@ -32,16 +33,20 @@ DTYPE_GROUPS = {"float32": ("float32",), "bfloat16": ("bfloat16", "float16")}
 MIN_PER_THREAD, MAX_PER_THREAD = 4, 64
 
 
-def candidates(tokens: int, block_e: int, stages: tuple[int, ...]) -> list[LaunchConfig]:
-    """Distinct configs worth timing at ``tokens`` rows: no tile taller than the work, and a tile that
-    gives each thread between MIN_PER_THREAD and MAX_PER_THREAD logits (compiles are the slow part)."""
+def candidates(tokens: int, block_e: int, stages: tuple[int, ...], warp_size: int = 32) -> list[LaunchConfig]:
+    """Distinct configs worth timing at ``tokens`` rows: no tile taller than the work, a tile that gives
+    each thread between MIN_PER_THREAD and MAX_PER_THREAD logits (compiles are the slow part), and, where
+    a row takes fewer lanes than a warp, enough rows that every warp holds whole rows (otherwise the
+    spare lanes split rows again and the reductions cross warps)."""
     seen = []
-    for rows, warps, st in itertools.product(ROWS, WARPS, stages):
-        cfg = LaunchConfig(rows, warps, st).clamp(block_e)
-        per_thread = cfg.rows_per_program * block_e / (32 * cfg.num_warps)
+    for rows, warps, lanes, st in itertools.product(ROWS, WARPS, LANES, stages):
+        cfg = LaunchConfig(rows, warps, st, lanes).clamp(block_e)
+        per_thread = cfg.rows_per_program * block_e / (warp_size * cfg.num_warps)
         if cfg.rows_per_program > max(1, 1 << (tokens - 1).bit_length()) or cfg in seen:
             continue
         if not MIN_PER_THREAD <= per_thread <= MAX_PER_THREAD and not (cfg.rows_per_program == 1 and warps == 1):
+            continue
+        if lanes and cfg.rows_per_program * lanes < warp_size * warps and cfg.rows_per_program > 1:
             continue
         seen.append(cfg)
     return seen
@@ -105,6 +110,8 @@ def _bucket_line(max_tokens: int | None, cfg: LaunchConfig, dtypes: tuple[str, .
         parts.append("dtypes = [" + ", ".join(_toml_str(d) for d in dtypes) + "]")
     parts += [f"rows_per_program = {cfg.rows_per_program}", f"num_warps = {cfg.num_warps}",
               f"num_stages = {cfg.num_stages}"]
+    if cfg.lanes_per_row:
+        parts.append(f"lanes_per_row = {cfg.lanes_per_row}")
     return "  { " + ", ".join(parts) + " },"
 
 
