@@ -22,7 +22,8 @@ def _check_logits(gating_output: object) -> torch.Tensor:
         raise TypeError(f"gating_output must be float32, bfloat16 or float16, got {gating_output.dtype}")
     if gating_output.dim() < 1 or gating_output.shape[-1] < 1:
         raise ValueError(f"gating_output must have shape [..., E] with E >= 1, got {tuple(gating_output.shape)}")
-    _refuse_grad(gating_output, "gating_output")
+    if gating_output.requires_grad:
+        _refuse_grad(gating_output, "gating_output")
     return gating_output
 
 
@@ -42,7 +43,7 @@ def _check_topk(topk: object, num_experts: int) -> int:
     return topk
 
 
-def _check_scale(scale: object, logits: torch.Tensor) -> torch.Tensor | None:
+def _check_scale(scale: object, logits: torch.Tensor, device: torch.device) -> torch.Tensor | None:
     if scale is None:
         return None
     if not isinstance(scale, torch.Tensor):
@@ -52,13 +53,14 @@ def _check_scale(scale: object, logits: torch.Tensor) -> torch.Tensor | None:
     num_experts = logits.shape[-1]
     if scale.shape != (num_experts,):
         raise ValueError(f"per_expert_scale must have shape [E] = [{num_experts}], got {tuple(scale.shape)}")
-    if scale.device != logits.device:
-        raise ValueError(f"per_expert_scale is on {scale.device}, but gating_output is on {logits.device}")
-    _refuse_grad(scale, "per_expert_scale")
+    if scale.device != device:
+        raise ValueError(f"per_expert_scale is on {scale.device}, but gating_output is on {device}")
+    if scale.requires_grad:
+        _refuse_grad(scale, "per_expert_scale")
     return scale
 
 
-def _check_out(out: object, logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_out(out: object, logits: torch.Tensor, topk: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(out, (tuple, list)) or len(out) != 2:
         raise TypeError("out must be a pair (weights, ids) of tensors")
     shape = (*logits.shape[:-1], topk)
@@ -69,11 +71,12 @@ def _check_out(out: object, logits: torch.Tensor, topk: int) -> tuple[torch.Tens
             raise TypeError(f"out {name} must be {dtype}, got {tensor.dtype}")
         if tensor.shape != shape:
             raise ValueError(f"out {name} must have shape {list(shape)}, got {list(tensor.shape)}")
-        if tensor.device != logits.device:
-            raise ValueError(f"out {name} is on {tensor.device}, but gating_output is on {logits.device}")
-        _refuse_grad(tensor, f"out {name}")
+        if tensor.device != device:
+            raise ValueError(f"out {name} is on {tensor.device}, but gating_output is on {device}")
+        if tensor.requires_grad:
+            _refuse_grad(tensor, f"out {name}")
         # The backends write [T, K] rows; a copy would silently drop the results.
-        if not _rows_flatten_as_view(tensor):
+        if len(shape) > 2 and not _rows_flatten_as_view(tensor):
             raise ValueError(f"out {name}: its leading dimensions must be flattenable without a copy")
     return out[0], out[1]
 
@@ -144,7 +147,8 @@ def route(
     logits = _check_logits(gating_output)
     num_experts = logits.shape[-1]
     topk = _check_topk(topk, num_experts)
-    scale = _check_scale(per_expert_scale, logits)
+    device = logits.device
+    scale = _check_scale(per_expert_scale, logits, device)
     if not isinstance(renormalize, bool):
         raise TypeError(f"renormalize must be a bool, got {type(renormalize).__name__}")
     if out is None:
@@ -152,7 +156,7 @@ def route(
             return op.ROUTE(logits, topk, scale, renormalize)
         weights, ids = op.empty_outputs(logits, topk)
     else:
-        weights, ids = _check_out(out, logits, topk)
+        weights, ids = _check_out(out, logits, topk, device)
         if _traced(logits):
             op.ROUTE_OUT(logits, topk, scale, renormalize, weights, ids)
             return weights, ids

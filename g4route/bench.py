@@ -147,21 +147,28 @@ def run_bench(
 
 
 def host_overhead(device: torch.device, num_experts: int, topk: int) -> dict[str, float]:
-    """Host microseconds per call at T=1 with no graph: ``route()`` against a bare launch of the kernel."""
+    """Host microseconds per call at T=1 with no graph: ``route()`` against a bare launch of the kernel
+    through Triton (``kernel[grid](...)``, every argument precomputed) and, where the backend launches
+    directly, against the kept launcher alone (the floor under route())."""
     backend = registry.select(device, num_experts, topk)
     logits = torch.randn(1, num_experts, device=device)
     scale = torch.rand(num_experts, device=device)
     out = (torch.empty(1, topk, device=device), torch.empty(1, topk, dtype=torch.int32, device=device))
     config = backend.config_for(device, 1, logits.dtype)
-    bare = kernel.bare_launcher(logits, topk, scale, True, out[0], out[1], config)
-    routed = lambda: route(logits, topk, scale, out=out)  # noqa: E731
-    # Alternate the two in several rounds: a shared host drifts, and a drift must not land on one side.
-    bare_runs, route_runs = [], []
+    calls = {
+        "bare_launch_us": kernel.bare_launcher(logits, topk, scale, True, out[0], out[1], config),
+        "route_us": lambda: route(logits, topk, scale, out=out),
+    }
+    if backend.direct_launch and kernel._direct is not None:
+        calls["direct_launch_us"] = kernel.bare_launcher(logits, topk, scale, True, out[0], out[1], config, True)
+    # Alternate them in several rounds: a shared host drifts, and a drift must not land on one side.
+    runs: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(7):
-        bare_runs.append(timing.host_us_per_call(bare, device, calls=1000))
-        route_runs.append(timing.host_us_per_call(routed, device, calls=1000))
-    bare_us, route_us = statistics.median(bare_runs), statistics.median(route_runs)
-    return {"route_us": route_us, "bare_launch_us": bare_us, "ratio": route_us / bare_us}
+        for name, fn in calls.items():
+            runs[name].append(timing.host_us_per_call(fn, device, calls=1000))
+    result = {name: statistics.median(r) for name, r in runs.items()}
+    result["ratio"] = result["route_us"] / result["bare_launch_us"]
+    return result
 
 
 def _device_name(device: torch.device) -> str:
@@ -207,9 +214,10 @@ def format_table(rows: list[Row], meta: dict, compile_modes: list[str]) -> str:
         lines.append("kernel numbers need a GPU: this run timed the PyTorch reference only")
     if "host_overhead" in meta:
         h = meta["host_overhead"]
+        direct = f", direct launch alone {h['direct_launch_us']:.2f} us" if "direct_launch_us" in h else ""
         lines.append(f"host overhead at T=1 (no graph, median of 7 alternating rounds): "
                      f"route() {h['route_us']:.2f} us, bare Triton launch {h['bare_launch_us']:.2f} us, "
-                     f"ratio {h['ratio']:.2f}")
+                     f"ratio {h['ratio']:.2f}{direct}")
     return "\n".join(lines)
 
 

@@ -27,9 +27,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+
+from . import launcher
 
 try:  # Triton is optional on CPU-only installs; the reference backend needs none of this.
     import triton
@@ -48,9 +50,11 @@ MAX_TOPK = 128
 MAX_TILE_ELEMENTS = 16384
 
 
-@dataclass(frozen=True)
-class LaunchConfig:
-    """How one launch is shaped: the tuned knobs that the tables in ``backends/`` hold."""
+class LaunchConfig(NamedTuple):
+    """How one launch is shaped: the tuned knobs that the tables in ``backends/`` hold.
+
+    A named tuple rather than a dataclass: it is part of a cache key on every call, and a tuple hashes
+    in C."""
 
     rows_per_program: int
     num_warps: int
@@ -232,6 +236,9 @@ if triton is not None:
     _compiled_kernel = triton.jit(_route_kernel)
     # The same source, run by Triton's CPU interpreter on CPU tensors (debugging and CPU CI).
     _interpreted_kernel = InterpretedFunction(_route_kernel)
+    _direct = launcher.DirectLauncher(_compiled_kernel) if launcher.supported(triton) else None
+else:  # pragma: no cover - installs without Triton
+    _direct = None
 
 
 @contextlib.contextmanager
@@ -306,12 +313,14 @@ def launch(
     ids: torch.Tensor,
     config: LaunchConfig,
     interpret: bool = False,
+    direct: bool = False,
 ) -> None:
     """Run the kernel on a 2-D ``[T, E]`` logits view, writing ``weights`` and ``ids`` ``[T, K]``.
 
     Inputs are assumed validated by ``api.route`` (shapes, dtypes, devices, ``1 <= K <= E``,
     ``E <= MAX_EXPERTS``, ``K <= MAX_TOPK``). ``interpret=True`` runs Triton's interpreter instead of
-    a compiled kernel (CPU tensors).
+    a compiled kernel (CPU tensors). ``direct=True`` (NVIDIA) launches through ``launcher.DirectLauncher``
+    where this Triton supports it.
     """
     if triton is None:
         raise RuntimeError(f"the Triton kernel needs the triton package ({TRITON_IMPORT_ERROR})")
@@ -319,9 +328,13 @@ def launch(
     meta = constexprs(logits.dtype, E, topk, config, renormalize, scale is not None)
     if not interpret and T <= MAX_ROWS_PER_LAUNCH:  # the common case, kept lean: it runs on every call
         if T:
-            _compiled_kernel[(-(-T // meta["BLOCK_T"]),)](
-                logits, weights if scale is None else scale, weights, ids, T, E, *logits.stride(),
-                *weights.stride(), *ids.stride(), num_warps=config.num_warps, num_stages=config.num_stages, **meta)
+            grid = -(-T // meta["BLOCK_T"])
+            args = (logits, weights if scale is None else scale, weights, ids, T, E, *logits.stride(),
+                    *weights.stride(), *ids.stride())
+            if direct and _direct is not None:
+                _direct(grid, args, meta, config.num_warps, config.num_stages)
+            else:
+                _compiled_kernel[(grid,)](*args, num_warps=config.num_warps, num_stages=config.num_stages, **meta)
         return
     kernel = _interpreted_kernel if interpret else _compiled_kernel
     with _library_helpers_interpreted() if interpret else contextlib.nullcontext():
@@ -350,13 +363,18 @@ def launch(
 
 
 def bare_launcher(logits: torch.Tensor, topk: int, scale: torch.Tensor | None, renormalize: bool,
-                  weights: torch.Tensor, ids: torch.Tensor, config: LaunchConfig):
-    """A closure doing nothing but the Triton launch for these exact arguments (everything else
-    precomputed): the baseline that ``g4route bench`` compares ``route()``'s host overhead with."""
+                  weights: torch.Tensor, ids: torch.Tensor, config: LaunchConfig, direct: bool = False):
+    """A closure doing nothing but launch the kernel on these exact arguments (everything else
+    precomputed): ``kernel[grid](...)`` through Triton's dispatch, or with ``direct`` the kept launcher of
+    ``launcher.DirectLauncher``. The baselines that ``g4route bench`` compares ``route()``'s host time with."""
     T, E = logits.shape
     meta = constexprs(logits.dtype, E, topk, config, renormalize, scale is not None)
-    grid = (math.ceil(T / meta["BLOCK_T"]),)
+    grid = math.ceil(T / meta["BLOCK_T"])
     args = (logits, scale if scale is not None else weights, weights, ids, T, E, logits.stride(0), logits.stride(1),
             weights.stride(0), weights.stride(1), ids.stride(0), ids.stride(1))
-    launcher = _compiled_kernel[grid]
-    return lambda: launcher(*args, num_warps=config.num_warps, num_stages=config.num_stages, **meta)
+    if direct:
+        if _direct is None:
+            raise RuntimeError("the direct launcher is off for this Triton")
+        return lambda: _direct(grid, args, meta, config.num_warps, config.num_stages)
+    launch_grid = _compiled_kernel[(grid,)]
+    return lambda: launch_grid(*args, num_warps=config.num_warps, num_stages=config.num_stages, **meta)

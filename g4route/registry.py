@@ -60,6 +60,9 @@ class Backend:
     table: str | None  # the tuned table in backends/ (kernel backends only)
     interpret: bool  # run the kernel under Triton's interpreter
     reason_unavailable: Callable[[PlatformFacts], str | None]
+    # Launch through launcher.DirectLauncher (skipping Triton's per-call dispatch): only where its
+    # specialisation rule was checked (NVIDIA).
+    direct_launch: bool = False
 
     @property
     def uses_kernel(self) -> bool:
@@ -88,7 +91,8 @@ class Backend:
             route_reference(logits, topk, scale, renormalize, weights, ids)
             return
         config = self.config_for(logits.device, logits.shape[0], logits.dtype)
-        kernel.launch(logits, topk, scale, renormalize, weights, ids, config, interpret=self.interpret)
+        kernel.launch(logits, topk, scale, renormalize, weights, ids, config, interpret=self.interpret,
+                      direct=self.direct_launch)
 
 
 @functools.cache
@@ -99,7 +103,7 @@ def _family(table: str, device: torch.device) -> configs.Family:
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
-        Backend("cuda", "Triton kernel on NVIDIA GPUs", "cuda", "cuda", False, _cuda_reason),
+        Backend("cuda", "Triton kernel on NVIDIA GPUs", "cuda", "cuda", False, _cuda_reason, direct_launch=True),
         Backend("rocm", "Triton kernel on AMD GPUs", "cuda", "rocm", False, _rocm_reason),
         Backend("xpu", "Triton kernel on Intel GPUs (torch.xpu)", "xpu", "xpu", False, _xpu_reason),
         Backend("torch", "PyTorch reference, any device", None, None, False, lambda facts: None),
@@ -149,6 +153,20 @@ def _native_backend(device: torch.device, facts: PlatformFacts) -> Backend:
 _warned: set[str] = set()
 
 
+def _read_env() -> str:
+    """``os.environ.get(ENV_VAR, "")``, read on every route() call, at a tenth of its cost: the mapping
+    behind ``os.environ`` holds keys and values encoded, and ``.get`` encodes and decodes each time."""
+    raw = _ENVIRON_DATA.get(_ENV_KEY) if _ENVIRON_DATA is not None else None
+    if raw is None:
+        return "" if _ENVIRON_DATA is not None else os.environ.get(ENV_VAR, "")
+    return os.environ.decodevalue(raw)
+
+
+# CPython's os.environ keeps its data in ``_data`` under ``encodekey(name)``; elsewhere use .get.
+_ENVIRON_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else None
+
+
 def select(
     device: torch.device,
     num_experts: int,
@@ -163,7 +181,7 @@ def select(
     it cannot run (a shape past the kernel's limits, or no Triton) the PyTorch reference does the
     work, and ``g4route info`` shows the reason.
     """
-    forced = env.get(ENV_VAR, "").strip()
+    forced = (_read_env() if env is os.environ else env.get(ENV_VAR, "")).strip()
     if facts is None:  # this process's platform: the answer depends only on the key below
         return _select_here(device, num_experts, topk, forced)
     return _decide(device, num_experts, topk, facts, forced)

@@ -73,3 +73,17 @@ def test_cuda_graph_capture_and_replay(gpu_target):
         graph.replay()
         torch.cuda.synchronize(device)
         assert_routes_like_oracle(out, logits, 8, scale)
+
+
+def test_direct_launches_across_specialisations(gpu_target, gen):
+    """Token counts, alignments, scale dtypes and strides that Triton specialises on differently, each
+    routed twice (the second call takes the kept launcher where the backend launches directly)."""
+    backend_name, device = gpu_target
+    wide = torch.randn(300, 136, generator=gen).to(device)
+    for tokens in (1, 2, 16, 17, 300):
+        for logits in (wide[:tokens, :128], wide[:tokens, 1:129], wide[:tokens, 8:136].to(torch.bfloat16)):
+            for scale in (None, (torch.rand(128, generator=gen) + 0.5).to(device, torch.bfloat16)):
+                for _ in range(2):
+                    assert_routes_like_oracle(g4route.route(logits, 8, scale), logits, 8, scale)
+    if g4route.registry.get(backend_name).direct_launch and kernel._direct is not None:
+        assert kernel._direct._entries, "the direct launcher kept no launcher"

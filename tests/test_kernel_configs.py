@@ -38,7 +38,8 @@ SPECIALS = torch.tensor([float("nan"), -float("nan"), _bits(0x7F800001), _bits(-
 def _hostile(gen, tokens: int, experts: int) -> torch.Tensor:
     pick = torch.randint(0, 3 * len(SPECIALS), (tokens, experts), generator=gen)
     ties = torch.randint(-2, 3, (tokens, experts), generator=gen).float()
-    x = torch.where(pick < len(SPECIALS), SPECIALS[pick.clamp(max=len(SPECIALS) - 1)], torch.randn(tokens, experts, generator=gen))
+    special = SPECIALS[pick.clamp(max=len(SPECIALS) - 1)]
+    x = torch.where(pick < len(SPECIALS), special, torch.randn(tokens, experts, generator=gen))
     return torch.where((pick >= len(SPECIALS)) & (pick < 2 * len(SPECIALS)), ties, x)
 
 
