@@ -24,7 +24,7 @@ from .reference import reference_route
 
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
 WARPS = (1, 2, 4, 8)
-LANES = (0, 1, 2, 4, 8)  # lanes per row; 0: a whole row per load
+LANES = (0, 1, 2, 4, 8, 16)  # lanes per row; 0: a whole row per load
 # 16-bit logits share one kernel variant (PACK32); float32 has its own (64-bit keys).
 DTYPE_GROUPS = {"float32": ("float32",), "bfloat16": ("bfloat16", "float16")}
 
@@ -33,7 +33,8 @@ DTYPE_GROUPS = {"float32": ("float32",), "bfloat16": ("bfloat16", "float16")}
 MIN_PER_THREAD, MAX_PER_THREAD = 4, 64
 
 
-def candidates(tokens: int, block_e: int, stages: tuple[int, ...], warp_size: int = 32) -> list[LaunchConfig]:
+def candidates(tokens: int, block_e: int, stages: tuple[int, ...], itemsize: int = 4,
+               warp_size: int = 32) -> list[LaunchConfig]:
     """Distinct configs worth timing at ``tokens`` rows: no tile taller than the work, a tile that gives
     each thread between MIN_PER_THREAD and MAX_PER_THREAD logits (compiles are the slow part), and, where
     a row takes fewer lanes than a warp, enough rows that every warp holds whole rows (otherwise the
@@ -47,6 +48,8 @@ def candidates(tokens: int, block_e: int, stages: tuple[int, ...], warp_size: in
         if not MIN_PER_THREAD <= per_thread <= MAX_PER_THREAD and not (cfg.rows_per_program == 1 and warps == 1):
             continue
         if lanes and cfg.rows_per_program * lanes < warp_size * warps and cfg.rows_per_program > 1:
+            continue
+        if lanes and cfg.chunk(block_e, itemsize) == block_e:  # the same tile as lanes_per_row = 0
             continue
         seen.append(cfg)
     return seen
@@ -70,7 +73,7 @@ def sweep(
         oracle = reference_route(inputs[0], topk, scale, True, torch.float64)
         out = (torch.empty(t, topk, device=device), torch.empty(t, topk, dtype=torch.int32, device=device))
         measured = []
-        for cfg in candidates(t, block_e, stages):
+        for cfg in candidates(t, block_e, stages, dtype.itemsize):
             def call(x, cfg=cfg, out=out):
                 kernel.launch(x, topk, scale, True, out[0], out[1], cfg)
                 return out
