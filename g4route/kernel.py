@@ -1,25 +1,34 @@
 """The one Triton routing kernel and its launcher.
 
 Every vendor runs this same source; only the launch configuration (rows per program, ``num_warps``,
-``num_stages``) differs, and that comes from the tables in ``backends/`` through ``configs.py``.
+``num_stages``, lanes per row) differs, and that comes from the tables in ``backends/`` through
+``configs.py``.
 
 How the kernel selects experts exactly
 --------------------------------------
-Each logit becomes a signed 32-bit *order key* computed on its bits: larger key == larger logit,
-``-0.0`` and ``+0.0`` share a key, every NaN maps to one key above ``+inf`` (NaN ranks first, as in
-``torch.topk``), and padding columns (``E`` not a power of two) sit below ``-inf`` so they are never
-chosen. The expert id, inverted (``BLOCK_E - 1 - id``), replaces the key's low ``log2(BLOCK_E)``
-bits, so one integer reduction per step yields the winner and the tie rule at once (equal logits:
-lower id first). ``K`` steps give the top-K in order; each step after the first is a subtraction and
-an unsigned min per element (see ``_select_top``).
+Each logit becomes a signed 32-bit *order key* computed on its bits (``_order_keys``): larger key ==
+larger logit, ``-0.0`` and ``+0.0`` share a key, every NaN maps to one key above ``+inf`` (NaN ranks
+first, as in ``torch.topk``), and padding columns (``E`` not a power of two) sit below ``-inf`` so they
+are never chosen. The expert id, inverted (``BLOCK_E - 1 - id``), replaces the key's low
+``log2(BLOCK_E)`` bits, so one integer reduction per step yields the winner and the tie rule at once
+(equal logits: lower id first). ``K`` steps give the top-K in order; each step after the first is an add
+and an unsigned min per element on the complemented keys (see ``_top_k``), and the winners stay in
+registers until one store at the end.
+
+The tile is ``[rows, chunks, columns]``: Triton spreads only the last axis over lanes (16-byte vectors),
+so a row sits on ``lanes_per_row`` lanes with its chunks in each lane's registers. The chunk axis reduces
+in registers and only ``log2(lanes_per_row)`` shuffles cross lanes per step; with every lane of a warp on
+one row (``lanes_per_row = 0``) a step takes five.
 
 - bfloat16 and float16 logits widen to float32 with 16 and 13 low mantissa bits zero, so the id fits
   in bits that were free: the packed keys are exact (``EXACT32``), and the chosen logits decode from
   them with no second read.
-- float32 logits use every bit, so packing truncates them. The kernel takes one step more than K and
-  checks that consecutive winners differ above the id bits; where they do, the truncated order is the
-  exact order (truncation is monotone). A tile with a row where they do not (ties, or logits within a
-  few ulps) is redone with exact 64-bit keys. The chosen float32 logits are re-read (K per row).
+- float32 logits use every bit, so packing truncates them (monotone: a larger truncated key is a larger
+  logit). The kernel takes one step past K. Where the K-th and the next winner share a truncated key,
+  the K-th place is settled exactly: winners above that key stay, and the rest come from a second
+  selection, over the logits sharing it, on keys made of the truncated-away bits and the id. Where
+  winners within the K share a truncated key, the K are sorted by exact key. The chosen float32 logits
+  are re-read (K per row, from the cached tile). Both fixes run only for tiles that need them.
 """
 
 from __future__ import annotations

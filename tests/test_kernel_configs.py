@@ -87,8 +87,9 @@ def test_float32_winners_sharing_a_truncated_key(kernel_target, gen):
             twin = higher[0]
             logits[row, twin] = (logits[row, twin_of].view(torch.int32) + 3).view(torch.float32)
     logits = logits.to(device)
+    scale = (torch.rand(experts, generator=gen) + 0.5).to(device)  # the scales must follow the reordering
     for config in (LaunchConfig(1, 1), LaunchConfig(16, 1, lanes_per_row=2), LaunchConfig(4, 1, lanes_per_row=4)):
         weights = torch.empty(tokens, topk, device=device)
         ids = torch.empty(tokens, topk, dtype=torch.int32, device=device)
-        kernel.launch(logits, topk, None, True, weights, ids, config, interpret=interpret)
-        assert_routes_like_oracle((weights, ids), logits, topk)
+        kernel.launch(logits, topk, scale, True, weights, ids, config, interpret=interpret)
+        assert_routes_like_oracle((weights, ids), logits, topk, scale)
