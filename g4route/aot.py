@@ -536,8 +536,8 @@ def _cell(value) -> str:
 def format_table(rows: Sequence[Row], experts: int = EXPERTS, topk: int = TOPK) -> str:
     """A table per target: family (* = the one its devices get), bucket, dtype, config and stats."""
     out = []
-    header = ("family", "T", "dtype", "rows/warps/stages", "regs", "sgprs", "spills", "scratch", "smem", "occupancy",
-              "binary")
+    header = ("family", "T", "dtype", "rows/warps/stages/lanes", "regs", "sgprs", "spills", "scratch", "smem",
+              "occupancy", "binary")
     for name in dict.fromkeys(r.target for r in rows):
         tgt = target(name)
         group = [r for r in rows if r.target == name]
@@ -550,7 +550,7 @@ def format_table(rows: Sequence[Row], experts: int = EXPERTS, topk: int = TOPK) 
             c = r.config
             s = r.stats
             cells = [("*" if r.serves_target else " ") + r.family, r.bucket, r.dtype,
-                     f"{c.rows_per_program}/{c.num_warps}/{c.num_stages}"]
+                     f"{c.rows_per_program}/{c.num_warps}/{c.num_stages}/{c.lanes_per_row}"]
             if s is None:
                 cells += ["ERROR", "", "", "", "", "", short_error(r.error or "")]
             else:

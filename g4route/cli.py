@@ -60,6 +60,7 @@ def cmd_info(args) -> int:
         for dtype in (torch.bfloat16, torch.float32):
             cfgs = ", ".join(
                 f"T={t}: {c.rows_per_program} rows/{c.num_warps} warps/{c.num_stages} stages"
+                + (f"/{c.lanes_per_row} lanes a row" if c.lanes_per_row else "")
                 for t in INFO_TOKENS for c in [backend.config_for(device, t, dtype)])
             print(f"    {str(dtype).removeprefix('torch.'):<9} {cfgs}")
     return 0

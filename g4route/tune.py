@@ -25,7 +25,7 @@ from .reference import reference_route
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
 WARPS = (1, 2, 4, 8)
 LANES = (0, 1, 2, 4, 8, 16)  # lanes per row; 0: a whole row per load
-# 16-bit logits share one kernel variant (PACK32); float32 has its own (64-bit keys).
+# 16-bit logits share one kernel variant (EXACT32 keys); float32 has its own (truncated keys, exact re-checks).
 DTYPE_GROUPS = {"float32": ("float32",), "bfloat16": ("bfloat16", "float16")}
 
 

@@ -144,12 +144,16 @@ _CATCH_ALL = "{ rows_per_program = 1, num_warps = 1 }"
         ("[default]\nbuckets = [{ rows_per_program = 6, num_warps = 1 }]\n", "rows_per_program must be a power"),
         ("[default]\nbuckets = [{ rows_per_program = 1, num_warp = 1 }]\n", r"unknown keys \['num_warp'\]"),
         ("[default]\nbuckets = [{ rows_per_program = 1 }]\n", "missing 'num_warps'"),
+        ("[default]\nbuckets = [{ rows_per_program = 1, num_warps = 1, lanes_per_row = 3 }]\n",
+         "lanes_per_row must be 0"),
+        ("[default]\nbuckets = [{ rows_per_program = 1, num_warps = 1, lanes_per_row = -2 }]\n",
+         "lanes_per_row must be 0"),
         ("[default]\nbuckets = [{ dtypes = ['float64'], rows_per_program = 1, num_warps = 1 }, "
          f"{_CATCH_ALL}]\n", r"unknown dtypes \['float64'\]"),
     ],
     ids=["no-default", "empty-buckets", "no-buckets-key", "family-no-buckets", "no-catch-all-max-tokens",
          "no-catch-all-dtypes", "num-warps-3", "num-warps-0", "rows-6", "unknown-key", "missing-key",
-         "unknown-dtype"],
+         "lanes-3", "lanes-negative", "unknown-dtype"],
 )
 def test_errors_name_the_source(text, match):
     with pytest.raises(ValueError, match=match) as info:
@@ -241,3 +245,31 @@ def test_finding_the_tables_keeps_the_public_backends_function():
     configs.tables_dir()
     assert callable(g4route.backends), f"g4route.backends is {g4route.backends!r}"
     assert g4route.backends() == list(g4route.registry.BACKENDS)
+
+
+def test_lanes_per_row_is_read_and_defaults_to_a_whole_row():
+    table = _parse("""
+        [default]
+        buckets = [{ max_tokens = 8, rows_per_program = 16, num_warps = 1, lanes_per_row = 2 },
+                   { rows_per_program = 4, num_warps = 1 }]
+    """)
+    assert table.default.config_for(8, torch.bfloat16) == LaunchConfig(16, 1, 1, 2)
+    assert table.default.config_for(9, torch.bfloat16).lanes_per_row == 0
+    # Lanes of 16-byte vectors: 2 lanes hold 16 bfloat16 or 8 float32 columns of a chunk; 0 is the whole row.
+    assert LaunchConfig(16, 1, 1, 2).chunk(128, 2) == 16 and LaunchConfig(16, 1, 1, 2).chunk(128, 4) == 8
+    assert LaunchConfig(4, 1).chunk(128, 4) == 128 and LaunchConfig(4, 1, 1, 64).chunk(128, 2) == 128
+
+
+def test_tune_candidates_keep_rows_whole_within_a_warp():
+    """Every candidate either has one row or gives each warp whole rows, and none repeats another's tile."""
+    from g4route import tune
+
+    for itemsize in (4, 2):
+        for tokens in (1, 16, 256, 262144):
+            found = tune.candidates(tokens, 128, (1,), itemsize)
+            assert found and len(set(found)) == len(found)
+            for cfg in found:
+                if cfg.lanes_per_row:
+                    assert cfg.chunk(128, itemsize) < 128, cfg
+                    assert cfg.rows_per_program == 1 or cfg.rows_per_program * cfg.lanes_per_row >= 32 * cfg.num_warps
+                assert cfg.rows_per_program <= max(1, 1 << (tokens - 1).bit_length())
