@@ -22,8 +22,7 @@ def _check_logits(gating_output: object) -> torch.Tensor:
         raise TypeError(f"gating_output must be float32, bfloat16 or float16, got {gating_output.dtype}")
     if gating_output.dim() < 1 or gating_output.shape[-1] < 1:
         raise ValueError(f"gating_output must have shape [..., E] with E >= 1, got {tuple(gating_output.shape)}")
-    if gating_output.requires_grad:
-        _refuse_grad(gating_output, "gating_output")
+    _refuse_grad(gating_output, "gating_output")
     return gating_output
 
 
@@ -55,8 +54,7 @@ def _check_scale(scale: object, logits: torch.Tensor, device: torch.device) -> t
         raise ValueError(f"per_expert_scale must have shape [E] = [{num_experts}], got {tuple(scale.shape)}")
     if scale.device != device:
         raise ValueError(f"per_expert_scale is on {scale.device}, but gating_output is on {device}")
-    if scale.requires_grad:
-        _refuse_grad(scale, "per_expert_scale")
+    _refuse_grad(scale, "per_expert_scale")
     return scale
 
 
@@ -73,10 +71,9 @@ def _check_out(out: object, logits: torch.Tensor, topk: int, device: torch.devic
             raise ValueError(f"out {name} must have shape {list(shape)}, got {list(tensor.shape)}")
         if tensor.device != device:
             raise ValueError(f"out {name} is on {tensor.device}, but gating_output is on {device}")
-        if tensor.requires_grad:
-            _refuse_grad(tensor, f"out {name}")
+        _refuse_grad(tensor, f"out {name}")
         # The backends write [T, K] rows; a copy would silently drop the results.
-        if len(shape) > 2 and not _rows_flatten_as_view(tensor):
+        if not _rows_flatten_as_view(tensor):
             raise ValueError(f"out {name}: its leading dimensions must be flattenable without a copy")
     return out[0], out[1]
 

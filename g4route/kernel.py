@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from typing import NamedTuple
 
 import torch
@@ -165,9 +164,10 @@ def _route_kernel(
     cols = (tl.arange(0, NCHUNK) * CHUNK)[None, :, None] + tl.arange(0, CHUNK)[None, None, :]
     src = logits_ptr + rows[:, None, None] * stride_lt + cols * stride_le
     if EVEN_E:
-        x = tl.load(src, mask=row_ok[:, None, None], other=float("-inf")).to(tl.float32)
+        tile_ok = row_ok[:, None, None]
     else:
-        x = tl.load(src, mask=row_ok[:, None, None] & (cols < E), other=float("-inf")).to(tl.float32)
+        tile_ok = row_ok[:, None, None] & (cols < E)
+    x = tl.load(src, mask=tile_ok, other=float("-inf")).to(tl.float32)
 
     key = _order_keys(x, cols, E, EVEN_E)
     # The packed key puts the inverted id (BLOCK_E - 1 - id) in the low bits, so one max yields the
@@ -195,8 +195,9 @@ def _route_kernel(
             # Not settled in some row: logits that differ only in the truncated bits share the K-th
             # place. The winners above that truncated key stay; the rest of the K come from the group
             # sharing it, selected exactly on new packed keys of the bits truncation dropped and the id.
-            key = _order_keys(tl.load(src, mask=row_ok[:, None, None] & (cols < E), other=float("-inf")),
-                              cols, E, EVEN_E)
+            # The keys come from a fresh read of the (cached) tile: keeping them live through the
+            # selection would cost every tile registers for what few tiles need.
+            key = _order_keys(tl.load(src, mask=tile_ok, other=float("-inf")), cols, E, EVEN_E)
             high = winners & ~LOW_MASK
             kth = tl.sum(tl.where(kk == K - 1, high, 0), axis=1)
             settled = tl.sum(((high > kth[:, None]) & (kk < K)).to(tl.int32), axis=1)
@@ -309,6 +310,15 @@ def constexprs(dtype: torch.dtype, num_experts: int, topk: int, config: LaunchCo
     }
 
 
+def _runtime_args(logits: torch.Tensor, scale: torch.Tensor | None, weights: torch.Tensor,
+                  ids: torch.Tensor) -> tuple:
+    """The kernel's runtime arguments, in its parameter order (the scale pointer is never read when
+    HAS_SCALE is False, so the weights stand in for a missing scale)."""
+    T, E = logits.shape
+    return (logits, weights if scale is None else scale, weights, ids, T, E, *logits.stride(),
+            *weights.stride(), *ids.stride())
+
+
 # Rows per launch: row indices stay in int32 inside the kernel.
 MAX_ROWS_PER_LAUNCH = 1 << 30
 
@@ -338,8 +348,7 @@ def launch(
     if not interpret and T <= MAX_ROWS_PER_LAUNCH:  # the common case, kept lean: it runs on every call
         if T:
             grid = -(-T // meta["BLOCK_T"])
-            args = (logits, weights if scale is None else scale, weights, ids, T, E, *logits.stride(),
-                    *weights.stride(), *ids.stride())
+            args = _runtime_args(logits, scale, weights, ids)
             if direct and _direct is not None:
                 _direct(grid, args, meta, config.num_warps, config.num_stages)
             else:
@@ -352,23 +361,8 @@ def launch(
             x, w, i = logits, weights, ids
             if rows < T:  # only past 2**30 rows: slicing costs host time on every call
                 x, w, i = logits[start:start + rows], weights[start:start + rows], ids[start:start + rows]
-            kernel[(math.ceil(rows / meta["BLOCK_T"]),)](
-                x,
-                scale if scale is not None else w,  # never read when HAS_SCALE is False
-                w,
-                i,
-                rows,
-                E,
-                x.stride(0),
-                x.stride(1),
-                w.stride(0),
-                w.stride(1),
-                i.stride(0),
-                i.stride(1),
-                num_warps=config.num_warps,
-                num_stages=config.num_stages,
-                **meta,
-            )
+            kernel[(-(-rows // meta["BLOCK_T"]),)](*_runtime_args(x, scale, w, i), num_warps=config.num_warps,
+                                                  num_stages=config.num_stages, **meta)
 
 
 def bare_launcher(logits: torch.Tensor, topk: int, scale: torch.Tensor | None, renormalize: bool,
@@ -378,9 +372,8 @@ def bare_launcher(logits: torch.Tensor, topk: int, scale: torch.Tensor | None, r
     ``launcher.DirectLauncher``. The baselines that ``g4route bench`` compares ``route()``'s host time with."""
     T, E = logits.shape
     meta = constexprs(logits.dtype, E, topk, config, renormalize, scale is not None)
-    grid = math.ceil(T / meta["BLOCK_T"])
-    args = (logits, scale if scale is not None else weights, weights, ids, T, E, logits.stride(0), logits.stride(1),
-            weights.stride(0), weights.stride(1), ids.stride(0), ids.stride(1))
+    grid = -(-T // meta["BLOCK_T"])
+    args = _runtime_args(logits, scale, weights, ids)
     if direct:
         if _direct is None:
             raise RuntimeError("the direct launcher is off for this Triton")

@@ -57,7 +57,6 @@ class DirectLauncher:
         if not all(p.is_constexpr for p in params[first_constexpr:]):
             raise ValueError("DirectLauncher needs a kernel whose constexpr parameters come last")
         self._constexpr_names = tuple(p.name for p in params[first_constexpr:])
-        self._num_runtime = first_constexpr
 
     def __call__(self, grid: int, args: Sequence, meta: dict, num_warps: int, num_stages: int) -> None:
         """Launch ``grid`` programs on ``args`` (the runtime arguments: tensors first, then ints)."""

@@ -53,6 +53,14 @@ def _configs(backend: registry.Backend, device: torch.device) -> dict:
             for d in (torch.float32, torch.bfloat16, torch.float16)}
 
 
+def _assert_rows_and_warps(backend: registry.Backend, device: torch.device, expected: dict) -> None:
+    """Each ``(tokens, dtype) -> (rows, warps)`` of ``expected`` is what the backend's table gives."""
+    configs = _configs(backend, device)
+    for (tokens, dtype), (rows, warps) in expected.items():
+        got = configs[(tokens, dtype)]
+        assert (got.rows_per_program, got.num_warps) == (rows, warps), (tokens, dtype, got)
+
+
 # ------------------------------------------------------------------------------------------------- ROCm
 
 
@@ -117,10 +125,7 @@ def test_rocm_device_gets_its_family_and_buckets(monkeypatch, name, arch, family
     backend = registry.select(CUDA0, E, K, facts=AMD, env={})
     assert backend.name == "rocm" and backend.table == "rocm"
     assert backend.family_name(CUDA0) == family
-    configs = _configs(backend, CUDA0)
-    for (tokens, dtype), (rows, warps) in expected.items():
-        got = configs[(tokens, dtype)]
-        assert (got.rows_per_program, got.num_warps) == (rows, warps), (tokens, dtype, got)
+    _assert_rows_and_warps(backend, CUDA0, expected)
 
 
 def test_rocm_family_matches_the_arch_alone(monkeypatch):
@@ -199,10 +204,7 @@ def test_xpu_device_gets_its_family_and_buckets(monkeypatch, name, family, expec
     backend = registry.select(XPU0, E, K, facts=INTEL, env={})
     assert backend.name == "xpu" and backend.table == "xpu"
     assert backend.family_name(XPU0) == family
-    configs = _configs(backend, XPU0)
-    for (tokens, dtype), (rows, warps) in expected.items():
-        got = configs[(tokens, dtype)]
-        assert (got.rows_per_program, got.num_warps) == (rows, warps), (tokens, dtype, got)
+    _assert_rows_and_warps(backend, XPU0, expected)
 
 
 # -------------------------------------------------------------------------------- ahead-of-time compiles
