@@ -164,10 +164,9 @@ def _route_kernel(
     cols = (tl.arange(0, NCHUNK) * CHUNK)[None, :, None] + tl.arange(0, CHUNK)[None, None, :]
     src = logits_ptr + rows[:, None, None] * stride_lt + cols * stride_le
     if EVEN_E:
-        tile_ok = row_ok[:, None, None]
+        x = tl.load(src, mask=row_ok[:, None, None], other=float("-inf")).to(tl.float32)
     else:
-        tile_ok = row_ok[:, None, None] & (cols < E)
-    x = tl.load(src, mask=tile_ok, other=float("-inf")).to(tl.float32)
+        x = tl.load(src, mask=row_ok[:, None, None] & (cols < E), other=float("-inf")).to(tl.float32)
 
     key = _order_keys(x, cols, E, EVEN_E)
     # The packed key puts the inverted id (BLOCK_E - 1 - id) in the low bits, so one max yields the
@@ -196,8 +195,11 @@ def _route_kernel(
             # place. The winners above that truncated key stay; the rest of the K come from the group
             # sharing it, selected exactly on new packed keys of the bits truncation dropped and the id.
             # The keys come from a fresh read of the (cached) tile: keeping them live through the
-            # selection would cost every tile registers for what few tiles need.
-            key = _order_keys(tl.load(src, mask=tile_ok, other=float("-inf")), cols, E, EVEN_E)
+            # selection would cost every tile registers for what few tiles need. This read's mask is
+            # deliberately not the first read's: with the same mask (EVEN_E) the compiler merges the two
+            # loads, and float32 at T = 262,144 went from 53.6 to 57.6 us on the H100 (BENCHMARKS.md).
+            key = _order_keys(tl.load(src, mask=row_ok[:, None, None] & (cols < E), other=float("-inf")),
+                              cols, E, EVEN_E)
             high = winners & ~LOW_MASK
             kth = tl.sum(tl.where(kk == K - 1, high, 0), axis=1)
             settled = tl.sum(((high > kth[:, None]) & (kk < K)).to(tl.int32), axis=1)
