@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from typing import NamedTuple
 
 import torch
@@ -253,6 +254,12 @@ else:  # pragma: no cover - installs without Triton
     _direct = None
 
 
+# Triton's interpreter patches triton.language process-wide while a kernel runs (and so does
+# _library_helpers_interpreted): two interpreted launches at once, in two threads, would undo each other's
+# patches mid-run ("Did you forget to add @triton.jit?"). Interpreted launches take turns.
+_INTERPRETER_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _library_helpers_interpreted():
     """Let ``tl.max``/``tl.sum`` run inside the interpreted kernel.
@@ -347,24 +354,36 @@ def launch(
         raise RuntimeError(f"the Triton kernel needs the triton package ({TRITON_IMPORT_ERROR})")
     T, E = logits.shape
     meta = constexprs(logits.dtype, E, topk, config, renormalize, scale is not None)
-    if not interpret and T <= MAX_ROWS_PER_LAUNCH:  # the common case, kept lean: it runs on every call
-        if T:
+    if interpret:
+        with _INTERPRETER_LOCK, _library_helpers_interpreted():
+            _launch_in_slices(_interpreted_kernel, logits, scale, weights, ids, meta, config)
+        return
+    # Launch on the tensors' device and its current stream, whatever device is current (launcher.py).
+    previous = launcher.enter_device(logits)
+    try:
+        if T > MAX_ROWS_PER_LAUNCH:
+            _launch_in_slices(_compiled_kernel, logits, scale, weights, ids, meta, config)
+        elif T:  # the common case, kept lean: it runs on every call
             grid = -(-T // meta["BLOCK_T"])
             args = _runtime_args(logits, scale, weights, ids)
             if direct and _direct is not None:
-                _direct(grid, args, meta, config.num_warps, config.num_stages)
+                _direct(grid, args, meta, config.num_warps, config.num_stages, logits.get_device())
             else:
                 _compiled_kernel[(grid,)](*args, num_warps=config.num_warps, num_stages=config.num_stages, **meta)
-        return
-    kernel = _interpreted_kernel if interpret else _compiled_kernel
-    with _library_helpers_interpreted() if interpret else contextlib.nullcontext():
-        for start in range(0, T, MAX_ROWS_PER_LAUNCH):
-            rows = min(T - start, MAX_ROWS_PER_LAUNCH)
-            x, w, i = logits, weights, ids
-            if rows < T:  # only past 2**30 rows: slicing costs host time on every call
-                x, w, i = logits[start:start + rows], weights[start:start + rows], ids[start:start + rows]
-            kernel[(-(-rows // meta["BLOCK_T"]),)](*_runtime_args(x, scale, w, i), num_warps=config.num_warps,
-                                                  num_stages=config.num_stages, **meta)
+    finally:
+        launcher.leave_device(logits, previous)
+
+
+def _launch_in_slices(kernel, logits, scale, weights, ids, meta: dict, config: LaunchConfig) -> None:
+    """Launch over slices of at most ``MAX_ROWS_PER_LAUNCH`` rows (row indices stay in int32)."""
+    T = logits.shape[0]
+    for start in range(0, T, MAX_ROWS_PER_LAUNCH):
+        rows = min(T - start, MAX_ROWS_PER_LAUNCH)
+        x, w, i = logits, weights, ids
+        if rows < T:  # only past 2**30 rows: slicing costs host time on every call
+            x, w, i = logits[start:start + rows], weights[start:start + rows], ids[start:start + rows]
+        kernel[(-(-rows // meta["BLOCK_T"]),)](*_runtime_args(x, scale, w, i), num_warps=config.num_warps,
+                                              num_stages=config.num_stages, **meta)
 
 
 def bare_launcher(logits: torch.Tensor, topk: int, scale: torch.Tensor | None, renormalize: bool,
@@ -379,6 +398,7 @@ def bare_launcher(logits: torch.Tensor, topk: int, scale: torch.Tensor | None, r
     if direct:
         if _direct is None:
             raise RuntimeError("the direct launcher is off for this Triton")
-        return lambda: _direct(grid, args, meta, config.num_warps, config.num_stages)
+        device = logits.get_device()
+        return lambda: _direct(grid, args, meta, config.num_warps, config.num_stages, device)
     launch_grid = _compiled_kernel[(grid,)]
     return lambda: launch_grid(*args, num_warps=config.num_warps, num_stages=config.num_stages, **meta)

@@ -13,6 +13,10 @@ constexprs and launch options come from, so one key can only ever stand for one 
 ``tests/test_launcher.py`` checks that rule against Triton's own specialiser. Where the rule is not known
 to hold (another Triton, another vendor) or a launch hook is set (a profiler), every call takes Triton's
 path.
+
+This module also holds the device placement every launch site shares (:func:`enter_device`): Triton
+launches on the *current* device and its current stream, so the tensors' device is made current for the
+span of a launch.
 """
 
 from __future__ import annotations
@@ -37,6 +41,40 @@ def supported(triton_module) -> bool:
     return (major, minor) in SUPPORTED_TRITON
 
 
+def enter_device(tensor: torch.Tensor) -> int:
+    """Make ``tensor``'s GPU the current device if it is not; return the device to go back to, or -1.
+
+    Triton (and :class:`DirectLauncher`) launch on the current device and that device's current stream.
+    A model spread over GPUs (Transformers' ``device_map="auto"``) calls layers on ``cuda:1`` with
+    ``cuda:0`` current, and Triton then cannot even read the pointers. Switching makes the launch go to
+    the tensor's device and *its* current stream, which is where the caller's work on that tensor is
+    ordered. The common case (already current) costs one integer compare. CUDA and ROCm builds share
+    ``torch.cuda``'s calls (HIP answers them); Intel's XPU has its own pair.
+    """
+    index = tensor.get_device()
+    if tensor.is_cuda:
+        current = torch._C._cuda_getDevice()
+        if current != index:
+            torch._C._cuda_setDevice(index)
+            return current
+    elif tensor.is_xpu:
+        current = torch.xpu.current_device()
+        if current != index:
+            torch.xpu.set_device(index)
+            return current
+    return -1
+
+
+def leave_device(tensor: torch.Tensor, previous: int) -> None:
+    """Undo :func:`enter_device`: make ``previous`` current again (nothing when it is -1)."""
+    if previous < 0:
+        return
+    if tensor.is_cuda:
+        torch._C._cuda_setDevice(previous)
+    else:
+        torch.xpu.set_device(previous)
+
+
 def _hooked(hook) -> bool:
     """Whether a launch hook is set: Triton 3.6 keeps them in a HookChain (empty when none is added)."""
     return bool(getattr(hook, "calls", hook))
@@ -58,13 +96,16 @@ class DirectLauncher:
             raise ValueError("DirectLauncher needs a kernel whose constexpr parameters come last")
         self._constexpr_names = tuple(p.name for p in params[first_constexpr:])
 
-    def __call__(self, grid: int, args: Sequence, meta: dict, num_warps: int, num_stages: int) -> None:
-        """Launch ``grid`` programs on ``args`` (the runtime arguments: tensors first, then ints)."""
+    def __call__(self, grid: int, args: Sequence, meta: dict, num_warps: int, num_stages: int, device: int) -> None:
+        """Launch ``grid`` programs on ``args`` (the runtime arguments: tensors first, then ints) on GPU
+        ``device``, which the caller has made current (:func:`enter_device`), on its current stream.
+
+        The device is part of the key: a compiled kernel is loaded into one device's context, and its
+        function handle is good for launches there only."""
         runtime = self._runtime
         if _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook):
             self._fn[(grid,)](*args, num_warps=num_warps, num_stages=num_stages, **meta)
             return
-        device = torch._C._cuda_getDevice()  # what torch.cuda.current_device() returns, minus its init check
         key = (device, num_warps, num_stages, *meta.values(), *args[4:],
                args[0].dtype, args[0].data_ptr() & 15, args[1].dtype, args[1].data_ptr() & 15,
                args[2].dtype, args[2].data_ptr() & 15, args[3].dtype, args[3].data_ptr() & 15)
