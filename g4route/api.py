@@ -151,11 +151,10 @@ def route(
     if out is None:
         if _traced(logits):
             return op.ROUTE(logits, topk, scale, renormalize)
-        weights, ids = op.empty_outputs(logits, topk)
-    else:
-        weights, ids = _check_out(out, logits, topk, device)
-        if _traced(logits):
-            op.ROUTE_OUT(logits, topk, scale, renormalize, weights, ids)
-            return weights, ids
+        return op.route_new(logits, topk, scale, renormalize)
+    weights, ids = _check_out(out, logits, topk, device)
+    if _traced(logits):
+        op.ROUTE_OUT(logits, topk, scale, renormalize, weights, ids)
+        return weights, ids
     op.run(logits, topk, scale, renormalize, weights, ids)
     return weights, ids

@@ -18,7 +18,7 @@ import torch
 from . import configs, kernel, platforms
 from .kernel import LaunchConfig
 from .platforms import PlatformFacts
-from .reference import route_reference
+from .reference import reference_route, route_reference
 
 ENV_VAR = "G4ROUTE_BACKEND"
 
@@ -76,6 +76,23 @@ class Backend:
 
     def family_name(self, device: torch.device) -> str:
         return "-" if self.table is None else _family(self.table, device).name
+
+    def route(
+        self,
+        logits: torch.Tensor,
+        topk: int,
+        scale: torch.Tensor | None,
+        renormalize: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Route validated 2-D ``[T, E]`` logits into fresh float32 weights and int32 ids ``[T, K]``."""
+        if not self.uses_kernel:  # the reference's own outputs, not copies of them
+            weights, ids = reference_route(logits, topk, scale, renormalize)
+            return weights, ids.to(torch.int32)
+        shape = (logits.shape[0], topk)
+        weights = logits.new_empty(shape, dtype=torch.float32)
+        ids = logits.new_empty(shape, dtype=torch.int32)
+        self.run(logits, topk, scale, renormalize, weights, ids)
+        return weights, ids
 
     def run(
         self,
