@@ -34,6 +34,7 @@ class Row:
     eager_us: float
     compiled_us: dict[str, float] = field(default_factory=dict)
     floor_us: float | None = None
+    stock_us: float | None = None
 
     @property
     def floor_fraction(self) -> float | None:
@@ -49,6 +50,27 @@ def _check(name: str, result, oracle, num_experts: int) -> None:
     if not bool(((ids >= 0) & (ids < num_experts)).all()) or not torch.equal(ids.long(), ref_ids):
         raise AssertionError(f"{name}: ids differ from the float64 oracle")
     torch.testing.assert_close(weights.double(), ref_w, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def stock_routing(logits: torch.Tensor, topk: int, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gemma 4's routing as Transformers writes it (``Gemma4TextRouter.forward`` after the projection):
+    the code that ``route()`` replaces, timed beside it. Its tie order is ``torch.topk``'s."""
+    probabilities = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probabilities, topk, dim=-1)
+    weights /= weights.sum(dim=-1, keepdim=True)
+    return weights * scale[ids], ids
+
+
+def _check_stock(result, logits: torch.Tensor, oracle) -> None:
+    """``stock_routing`` orders tied logits as ``torch.topk`` does: compare the logits it chose (as a
+    multiset) and, sorted the same way, its weights."""
+    weights, ids = result
+    ref_w, ref_ids = oracle
+    x = logits.double()
+    if not torch.equal(x.gather(-1, ids.long()).sort(-1).values, x.gather(-1, ref_ids).sort(-1).values):
+        raise AssertionError("stock: the chosen logits differ from the float64 oracle's")
+    if torch.equal(ids.long(), ref_ids):  # weights follow the scale of the chosen ids: compare where ids agree
+        torch.testing.assert_close(weights.double(), ref_w, rtol=1e-5, atol=1e-6, msg=lambda m: f"stock: {m}")
 
 
 def _inputs(tokens: int, num_experts: int, dtype: torch.dtype, device: torch.device, rotate: bool):
@@ -128,18 +150,24 @@ def run_bench(
             if on_gpu and backend.uses_kernel:
                 out = (torch.empty(t, topk, device=device), torch.empty(t, topk, dtype=torch.int32, device=device))
                 impls["g4route"] = lambda x, out=out: route(x, topk, scale, out=out)
+            elif not on_gpu:  # route() itself, as a CPU caller (patch_gemma4) makes the call
+                impls["g4route"] = lambda x: route(x, topk, scale)
+            impls["stock"] = lambda x: stock_routing(x, topk, scale)
             for mode, fn in compiled.items():
                 impls[mode] = lambda x, fn=fn: fn(x, scale)
             times = {}
             for name, fn in impls.items():
-                _check(name, fn(inputs[0]), oracle, num_experts)
+                if name == "stock":
+                    _check_stock(fn(inputs[0]), inputs[0], oracle)
+                else:
+                    _check(name, fn(inputs[0]), oracle, num_experts)
                 times[name] = time_us(fn, inputs, device)
             floor = None
             if on_gpu:
                 nbytes = t * num_experts * dtype.itemsize + t * topk * 8
                 floor = nbytes / (meta["copy_bandwidth_GBps"] * 1e9) * 1e6
             rows.append(Row(str(dtype).removeprefix("torch."), t, times.get("g4route"), times["eager"],
-                            {m: times[m] for m in compile_modes}, floor))
+                            {m: times[m] for m in compile_modes}, floor, times["stock"]))
             progress("  " + ", ".join(f"{k} {v:.2f} us" for k, v in times.items()))
     if on_gpu and backend.uses_kernel:
         meta["host_overhead"] = host_overhead(device, num_experts, topk)
@@ -185,8 +213,8 @@ def _fmt(us: float | None) -> str:
 
 def format_table(rows: list[Row], meta: dict, compile_modes: list[str]) -> str:
     """The results as a Markdown table, then geometric-mean speedups."""
-    head = ["dtype", "T", "g4route us", "eager us", *[f"compile[{m}] us" for m in compile_modes],
-            "floor us", "floor/g4route", "x eager", *[f"x compile[{m}]" for m in compile_modes]]
+    head = ["dtype", "T", "g4route us", "stock us", "eager us", *[f"compile[{m}] us" for m in compile_modes],
+            "floor us", "floor/g4route", "x stock", "x eager", *[f"x compile[{m}]" for m in compile_modes]]
     lines = [f"# {meta['device']} | backend {meta['backend']} | E={meta['num_experts']} K={meta['topk']} | "
              f"torch {meta['torch']} triton {meta['triton']} | {meta['date']}"]
     if "copy_bandwidth_GBps" in meta:
@@ -198,20 +226,22 @@ def format_table(rows: list[Row], meta: dict, compile_modes: list[str]) -> str:
     for r in rows:
         ratio = {}
         if r.g4route_us:
-            ratio = {"eager": r.eager_us / r.g4route_us, **{m: r.compiled_us[m] / r.g4route_us for m in compile_modes}}
+            ratio = {"stock": r.stock_us / r.g4route_us, "eager": r.eager_us / r.g4route_us,
+                     **{m: r.compiled_us[m] / r.g4route_us for m in compile_modes}}
             for k, v in ratio.items():
                 speedups.setdefault(k, []).append(v)
         frac = r.floor_fraction
-        cells = [r.dtype, f"{r.tokens:,}", _fmt(r.g4route_us), _fmt(r.eager_us),
+        cells = [r.dtype, f"{r.tokens:,}", _fmt(r.g4route_us), _fmt(r.stock_us), _fmt(r.eager_us),
                  *[_fmt(r.compiled_us[m]) for m in compile_modes], _fmt(r.floor_us),
                  "-" if frac is None else f"{frac:.0%}",
-                 *[f"{ratio[k]:.1f}x" if k in ratio else "-" for k in ["eager", *compile_modes]]]
+                 *[f"{ratio[k]:.2f}x" if k in ratio else "-" for k in ["stock", "eager", *compile_modes]]]
         lines.append("| " + " | ".join(cells) + " |")
     if speedups:
         lines.append("geometric-mean speedup of g4route: " + ", ".join(
             f"{k} {math.exp(sum(map(math.log, v)) / len(v)):.1f}x" for k, v in speedups.items()))
-    else:
-        lines.append("kernel numbers need a GPU: this run timed the PyTorch reference only")
+    if rows and rows[0].floor_us is None:
+        lines.append("no GPU: g4route is route() on the torch backend (the PyTorch reference); stock is "
+                     "Transformers' routing code; eager is the reference called directly")
     if "host_overhead" in meta:
         h = meta["host_overhead"]
         direct = f", direct launch alone {h['direct_launch_us']:.2f} us" if "direct_launch_us" in h else ""

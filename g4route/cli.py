@@ -83,7 +83,8 @@ def cmd_bench(args) -> int:
     choice = args.compile if args.compile != "auto" else "all" if device.type != "cpu" else "none"
     modes = {"none": [], "default": ["default"], "all": ["default", "max-autotune-no-cudagraphs"]}[choice]
     if device.type == "cpu":
-        print("no GPU: timing the PyTorch reference only (kernel numbers need a GPU)", file=sys.stderr)
+        print("no GPU: timing route() on the PyTorch reference against stock routing (kernel numbers need a GPU)",
+              file=sys.stderr)
     rows, meta = bench.run_bench(device, tokens, [getattr(torch, d) for d in args.dtypes], args.experts,
                                  args.topk, modes, _progress(args.quiet))
     print(bench.format_table(rows, meta, modes))

@@ -9,7 +9,8 @@ settle:
 
 - ``torch.topk`` of ``K + 1``: where those ``K + 1`` logits strictly decrease, the K chosen and their
   order are unique, whatever the tie rule. Rows with a tie, a NaN, or ``-0.0`` beside ``+0.0`` are sorted.
-  This is the path for few rows and off the CPU.
+  This is the path for few float32 rows. bfloat16 and float16 rows tie often; for them a table maps each
+  bit pattern to an order key with room for the id, and one ``torch.topk`` of those keys is exact.
 - Packed order keys (many rows on a CPU, where ``torch.topk`` costs about a microsecond a row): each
   logit becomes an integer key on its bits (larger key == larger logit, ``-0.0 == +0.0``) with the
   inverted expert id in its low bits, so keys are distinct and one maximum yields the winner and the tie
@@ -17,6 +18,9 @@ settle:
   across rows, in chunks that stay in cache. bfloat16 and float16 logits leave enough low bits free and
   their keys are exact; float32 keys are truncated, so one more step tells whether the K-th place (or an
   order within the K) rests on truncated bits, and such rows are sorted. Rows holding NaN are sorted.
+
+Off the CPU (the reference serves GPU calls past the kernel's limits) every row is sorted: the checks
+above would make the host wait on the device, and a CUDA graph could not capture them.
 """
 
 from __future__ import annotations
@@ -168,9 +172,11 @@ def select_experts(logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch
     dtype) when they came for free and no row's maximum is ``-inf``, else ``None``. The path is chosen by
     cost (module docstring)."""
     T, E = logits.shape
-    if topk == E or T == 0:
+    if topk == E or T == 0 or logits.device.type != "cpu":
+        # Off the CPU, the paths below would wait on the device to look at their checks, and could not
+        # be captured in a CUDA graph: a sort is exact as it is, and a GPU sorts fast.
         return _sorted_ids(logits, topk), None
-    if logits.device.type != "cpu" or E > 4096:
+    if E > 4096:
         return _ids_by_topk(logits, topk)
     if T > TOPK_MAX_ROWS:
         return _ids_by_packed_keys(logits, topk), None
