@@ -22,8 +22,9 @@ input itself, which autograd holds anyway); no ``[T, E]`` float32 tensor is save
 
 The kernel
 ----------
-One program takes ``BLOCK_T`` rows and writes their ``[BLOCK_T, E]`` gradient tile once, in the logits'
-dtype (zeros outside the chosen K for ``renormalize=True``), with float32 math. Per row it reads the K
+A program takes ``SUB_BLOCKS`` tiles of ``BLOCK_T`` rows and writes each ``[BLOCK_T, E]`` gradient tile
+once, in the logits' dtype (zeros outside the chosen K for ``renormalize=True``), with float32 math. Per
+row it reads the K
 ids, the K incoming gradients, the K chosen logits (a gather from the logits' rows) and, for
 ``renormalize=False``, the whole row. The row's largest logit is the chosen one in column 0 (the forward
 orders the ids by descending logit), so NaN rows keep NaN and ``-inf`` rows are recognised exactly as the
@@ -44,55 +45,46 @@ from . import kernel, launcher
 from .kernel import tl, triton
 from .reference import reference_route
 
-# Elements of one program's [rows, E] tile on a GPU: a few float32 tiles live in registers at once.
-_GPU_TILE_ELEMENTS = 2048
+# A GPU program's tile: about this many logits (few registers per row value), and this many rows per
+# program in all (few partial sums of the scale's gradient: [T / rows, E] float32).
+_GPU_TILE_ELEMENTS = 512
+_GPU_ROWS_PER_PROGRAM = 64
 
 
 class BackwardConfig(NamedTuple):
-    """How one backward launch is shaped: rows per program and warps."""
+    """How one backward launch is shaped: rows per tile, tiles per program, warps."""
 
-    rows_per_program: int
+    block_rows: int
+    sub_blocks: int
     num_warps: int
+
+    @property
+    def rows_per_program(self) -> int:
+        return self.block_rows * self.sub_blocks
 
 
 def config_for(tokens: int, num_experts: int, interpret: bool) -> BackwardConfig:
-    """A simple default, not a tuned table: tiles of about ``_GPU_TILE_ELEMENTS`` logits on a GPU (rows
-    are independent, so the only trade is registers against programs), four warps once the tile is large
-    enough to give each lane a few elements. The interpreter runs programs one after another, so it gets
-    the largest tile that ``kernel.MAX_TILE_ELEMENTS`` allows."""
+    """A simple default, not a tuned table. On a GPU: tiles of about ``_GPU_TILE_ELEMENTS`` logits (wider
+    rows: one row), four elements a lane (larger tiles made the compiler keep every per-row value of the
+    K steps in registers and spill; ahead-of-time compiles for sm_90 show no spill for K <= 8),
+    ``_GPU_ROWS_PER_PROGRAM`` rows a program where there are that many.
+    The interpreter runs programs one after another, so it gets one tile as large as
+    ``kernel.MAX_TILE_ELEMENTS`` allows."""
     block_e = triton.next_power_of_2(num_experts)
-    limit = kernel.MAX_TILE_ELEMENTS if interpret else _GPU_TILE_ELEMENTS
-    rows = max(1, min(triton.next_power_of_2(max(tokens, 1)), limit // block_e))
-    return BackwardConfig(rows, max(1, min(4, rows * block_e // 512)))
+    wanted = triton.next_power_of_2(max(tokens, 1))
+    if interpret:
+        return BackwardConfig(max(1, min(wanted, kernel.MAX_TILE_ELEMENTS // block_e)), 1, 1)
+    block_rows = max(1, min(wanted, _GPU_TILE_ELEMENTS // block_e))
+    sub_blocks = max(1, min(wanted, _GPU_ROWS_PER_PROGRAM) // block_rows)
+    return BackwardConfig(block_rows, sub_blocks, max(1, min(16, block_rows * block_e // 128)))
 
 
-def _route_backward_kernel(
-    grad_w_ptr,
-    logits_ptr,
-    ids_ptr,
-    scale_ptr,
-    grad_logits_ptr,
-    grad_scale_ptr,
-    T,
-    E,
-    stride_gt,
-    stride_gk,
-    stride_lt,
-    stride_le,
-    stride_it,
-    stride_ik,
-    K: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    HAS_SCALE: tl.constexpr,
-    RENORMALIZE: tl.constexpr,
-    LOGITS_GRAD: tl.constexpr,
-    SCALE_GRAD: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # 64-bit: T * E passes 2**31
-    row_ok = rows < T
-    cols = tl.arange(0, BLOCK_E)
+def _tile_gradients(grad_w_ptr, logits_ptr, ids_ptr, scale_ptr, rows, row_ok, cols, E, stride_gt, stride_gk,
+                    stride_lt, stride_le, stride_it, stride_ik, K: tl.constexpr, BLOCK_T: tl.constexpr,
+                    BLOCK_E: tl.constexpr, HAS_SCALE: tl.constexpr, RENORMALIZE: tl.constexpr,
+                    LOGITS_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr):
+    """``[BLOCK_T, BLOCK_E]`` tiles of the logits' gradient and of the scale-gradient terms (``g_k q_k`` at
+    ``ids_k``) for the rows ``rows``."""
     logits_row = logits_ptr + rows * stride_lt
     ids_row = ids_ptr + rows * stride_it
     grad_row = grad_w_ptr + rows * stride_gt
@@ -107,34 +99,38 @@ def _route_backward_kernel(
     d_logits = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
     d_scale = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
     if RENORMALIZE:
-        # q = softmax over the K chosen logits: its denominator and sum_j e_j a_j first, then the K
-        # columns of the tile (the K values are re-read: they are in the cache, and registers are not).
+        # q = softmax over the K chosen logits. One pass over the K: each one's exponential (and times a_k,
+        # and g_k) lands in its column of a tile, the row sums build up, and the per-k values die at once
+        # (two passes would have the compiler keep all K of them live between the passes, and spill).
         denom = tl.zeros([BLOCK_T], dtype=tl.float32)
         dot = tl.zeros([BLOCK_T], dtype=tl.float32)
+        # e_k at ids_k; elsewhere -1, which no exponential is (NaN included): it marks the unchosen columns.
+        exp_chosen = tl.full([BLOCK_T, BLOCK_E], -1.0, dtype=tl.float32)
+        exp_a = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)  # e_k * a_k at ids_k
         for k in tl.static_range(K):
             idk = tl.load(ids_row + k * stride_ik, mask=row_ok, other=0)
             ek = tl.exp(tl.load(logits_row + idk * stride_le, mask=row_ok, other=float("-inf")).to(tl.float32)
                         - shift)
-            ak = tl.load(grad_row + k * stride_gk, mask=row_ok, other=0.0)
-            if HAS_SCALE:
-                ak = ak * tl.load(scale_ptr + idk, mask=row_ok, other=0.0).to(tl.float32)
-            denom += ek
-            dot += ek * ak
-        inv = tl.where(masked, 0.0, 1.0 / denom)  # masked rows: weights are the constant 0
-        dot = dot * inv
-        for k in tl.static_range(K):
-            idk = tl.load(ids_row + k * stride_ik, mask=row_ok, other=0)
-            qk = tl.exp(tl.load(logits_row + idk * stride_le, mask=row_ok, other=float("-inf")).to(tl.float32)
-                        - shift) * inv
             gk = tl.load(grad_row + k * stride_gk, mask=row_ok, other=0.0)
             ak = gk
             if HAS_SCALE:
                 ak = gk * tl.load(scale_ptr + idk, mask=row_ok, other=0.0).to(tl.float32)
+            denom += ek
+            dot += ek * ak
             hit = cols[None, :] == idk[:, None]  # the ids of a row are distinct: one k per column
+            exp_chosen = tl.where(hit, ek[:, None], exp_chosen)
             if LOGITS_GRAD:
-                d_logits = tl.where(hit, (qk * (ak - dot))[:, None], d_logits)
+                exp_a = tl.where(hit, (ek * ak)[:, None], exp_a)
             if SCALE_GRAD:
-                d_scale = tl.where(hit, (gk * qk)[:, None], d_scale)
+                d_scale = tl.where(hit, (ek * gk)[:, None], d_scale)
+        inv = tl.where(masked, 0.0, 1.0 / denom)  # masked rows: weights are the constant 0
+        # Only the chosen columns: elsewhere 0, even where the row's inv is NaN (a NaN row).
+        picked = exp_chosen != -1.0
+        if LOGITS_GRAD:
+            # q_k (a_k - sum_j q_j a_j) = (e_k a_k - e_k * dot / denom) / denom
+            d_logits = tl.where(picked, (exp_a - exp_chosen * (dot * inv)[:, None]) * inv[:, None], 0.0)
+        if SCALE_GRAD:
+            d_scale = tl.where(picked, d_scale * inv[:, None], 0.0)  # g_k q_k
     else:
         # p = softmax over all E: the whole row is read (the gradient touches every column anyway).
         x = tl.load(logits_row[:, None] + cols[None, :] * stride_le, mask=row_ok[:, None] & (cols[None, :] < E),
@@ -160,18 +156,59 @@ def _route_backward_kernel(
         if LOGITS_GRAD:
             d_logits = e * inv[:, None] * (chosen - dot[:, None])
 
-    if LOGITS_GRAD:
-        # Written once, every column (zeros included), in the logits' dtype (the store converts).
-        out = grad_logits_ptr + rows[:, None] * E + cols[None, :]
-        tl.store(out, d_logits, mask=row_ok[:, None] & (cols[None, :] < E))
+    return d_logits, d_scale
+
+
+def _route_backward_kernel(
+    grad_w_ptr,
+    logits_ptr,
+    ids_ptr,
+    scale_ptr,
+    grad_logits_ptr,
+    grad_scale_ptr,
+    T,
+    E,
+    stride_gt,
+    stride_gk,
+    stride_lt,
+    stride_le,
+    stride_it,
+    stride_ik,
+    K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    SUB_BLOCKS: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    LOGITS_GRAD: tl.constexpr,
+    SCALE_GRAD: tl.constexpr,
+):
+    # A program takes SUB_BLOCKS tiles of BLOCK_T rows one after another: small tiles keep the per-row
+    # values in few registers, several of them per program keep the scale's partial sums few.
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_E)
+    scale_sum = tl.zeros([BLOCK_E], dtype=tl.float32)
+    for sub in range(SUB_BLOCKS):
+        rows = (pid.to(tl.int64) * SUB_BLOCKS + sub) * BLOCK_T + tl.arange(0, BLOCK_T)  # 64-bit: T * E > 2**31
+        row_ok = rows < T
+        d_logits, d_scale = _tile_gradients(grad_w_ptr, logits_ptr, ids_ptr, scale_ptr, rows, row_ok, cols, E,
+                                            stride_gt, stride_gk, stride_lt, stride_le, stride_it, stride_ik, K,
+                                            BLOCK_T, BLOCK_E, HAS_SCALE, RENORMALIZE, LOGITS_GRAD, SCALE_GRAD)
+        if LOGITS_GRAD:
+            # Written once, every column (zeros included), in the logits' dtype (the store converts).
+            out = grad_logits_ptr + rows[:, None] * E + cols[None, :]
+            tl.store(out, d_logits, mask=row_ok[:, None] & (cols[None, :] < E))
+        if SCALE_GRAD:
+            scale_sum += tl.sum(d_scale, axis=0)
     if SCALE_GRAD:
         # This program's partial sum, in its own row of the [programs, E] buffer: no atomics.
-        tl.store(grad_scale_ptr + pid.to(tl.int64) * E + cols, tl.sum(d_scale, axis=0), mask=cols < E)
+        tl.store(grad_scale_ptr + pid.to(tl.int64) * E + cols, scale_sum, mask=cols < E)
 
 
 if triton is not None:
     from triton.runtime.interpreter import InterpretedFunction
 
+    _tile_gradients = triton.jit(_tile_gradients)
     _compiled_kernel = triton.jit(_route_backward_kernel)
     _interpreted_kernel = InterpretedFunction(_route_backward_kernel)
 
@@ -199,14 +236,14 @@ def launch(
     if T == 0:
         return grad_logits, torch.zeros(E, dtype=torch.float32, device=logits.device) if scale_grad else None
     config = config_for(T, E, interpret)
-    block_t = config.rows_per_program
-    grid = -(-T // block_t)
+    grid = -(-T // config.rows_per_program)
     partials = torch.empty(grid, E, dtype=torch.float32, device=logits.device) if scale_grad else None
     # Pointers never read (their constexpr flag is off) stand in as the logits.
     args = (grad_weights, logits, ids, logits if scale is None else scale,
             logits if grad_logits is None else grad_logits, logits if partials is None else partials,
             T, E, *grad_weights.stride(), *logits.stride(), *ids.stride())
-    meta = {"K": K, "BLOCK_T": block_t, "BLOCK_E": triton.next_power_of_2(E), "HAS_SCALE": scale is not None,
+    meta = {"K": K, "BLOCK_T": config.block_rows, "SUB_BLOCKS": config.sub_blocks,
+            "BLOCK_E": triton.next_power_of_2(E), "HAS_SCALE": scale is not None,
             "RENORMALIZE": renormalize, "LOGITS_GRAD": logits_grad, "SCALE_GRAD": scale_grad}
     if interpret:
         with kernel.interpreting():
