@@ -22,15 +22,14 @@ def _check_logits(gating_output: object) -> torch.Tensor:
         raise TypeError(f"gating_output must be float32, bfloat16 or float16, got {gating_output.dtype}")
     if gating_output.dim() < 1 or gating_output.shape[-1] < 1:
         raise ValueError(f"gating_output must have shape [..., E] with E >= 1, got {tuple(gating_output.shape)}")
-    _refuse_grad(gating_output, "gating_output")
     return gating_output
 
 
 def _refuse_grad(tensor: torch.Tensor, name: str) -> None:
-    # Backends differ in whether autograd could follow them, so none is asked to: refuse plainly.
+    # An output buffer is written, never differentiated: one that requires grad is a mistake.
     if tensor.requires_grad and torch.is_grad_enabled():
-        raise TypeError(f"{name} requires grad, but route() is not differentiable: "
-                        f"call it under torch.no_grad() or pass {name}.detach()")
+        raise TypeError(f"{name} requires grad, but route() writes its outputs into out= buffers without "
+                        f"recording the write for autograd: pass {name}.detach() or call it under torch.no_grad()")
 
 
 def _check_topk(topk: object, num_experts: int) -> int:
@@ -54,7 +53,6 @@ def _check_scale(scale: object, logits: torch.Tensor, device: torch.device) -> t
         raise ValueError(f"per_expert_scale must have shape [E] = [{num_experts}], got {tuple(scale.shape)}")
     if scale.device != device:
         raise ValueError(f"per_expert_scale is on {scale.device}, but gating_output is on {device}")
-    _refuse_grad(scale, "per_expert_scale")
     return scale
 
 
@@ -135,7 +133,15 @@ def route(
 
     Raises:
         TypeError, ValueError: naming the argument, for any call outside this contract, and for a
-            ``G4ROUTE_BACKEND`` that is unknown or cannot run the call.
+            ``G4ROUTE_BACKEND`` that is unknown or cannot run the call. ``TypeError`` for ``out`` while
+            an input requires grad (with grad mode on).
+
+    Autograd: differentiable w.r.t. ``gating_output`` and ``per_expert_scale`` (not the ids), for either
+    ``renormalize``, when grad mode is on and either requires grad. The logits' gradient comes in their
+    dtype, zero outside the chosen K when ``renormalize`` is True; a row whose every logit is ``-inf``
+    gets 0, a row holding NaN gets NaN. The GPU backends (and ``interpreter``) run one backward kernel,
+    the scale's gradient reduced without atomics (bitwise reproducible); ``torch`` runs autograd of the
+    reference. A double backward raises ``RuntimeError``.
 
     ``torch.compile`` (``fullgraph=True``, dynamic token counts) traces through route() without a graph
     break: the call becomes one ``g4route::route`` (or, with ``out``, ``g4route::route_out``) operator
@@ -148,6 +154,13 @@ def route(
     scale = _check_scale(per_expert_scale, logits, device)
     if not isinstance(renormalize, bool):
         raise TypeError(f"renormalize must be a bool, got {type(renormalize).__name__}")
+    # Autograd only where it is asked for: the no-grad path below stays as lean as it was.
+    if (logits.requires_grad or (scale is not None and scale.requires_grad)) and torch.is_grad_enabled():
+        if out is not None:
+            raise TypeError("out= cannot be used while gating_output or per_expert_scale requires grad: autograd "
+                            "cannot record a write into caller-owned buffers (and the gradients need the ids "
+                            "kept unchanged); call route() without out=, or under torch.no_grad()")
+        return op.ROUTE_AUTOGRAD(logits, topk, scale, renormalize)
     if out is None:
         if _traced(logits):
             return op.ROUTE(logits, topk, scale, renormalize)

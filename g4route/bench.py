@@ -283,3 +283,111 @@ def write_plot(path: str, rows: list[Row], meta: dict) -> None:
     ax_f.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+# ------------------------------------------------------------------------------------ bench --backward
+
+
+@dataclass
+class BackwardRow:
+    dtype: str
+    tokens: int
+    forward_us: float  # g4route forward alone, no autograd
+    train_us: float  # g4route forward + backward (logits and scale)
+    eager_us: float  # autograd of the eager reference
+    compiled_us: float | None  # autograd of torch.compile(reference)
+    peak_mib: dict[str, float] = field(default_factory=dict)  # peak memory over the inputs, per implementation
+
+
+def _peak_mib(fn: Callable, device: torch.device) -> float:
+    """Peak memory allocated by one ``fn()`` above what was allocated before it (CUDA only)."""
+    if device.type != "cuda":
+        return float("nan")
+    timing.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    timing.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def run_backward_bench(
+    device: torch.device,
+    tokens: list[int],
+    dtypes: list[torch.dtype],
+    num_experts: int,
+    topk: int,
+    compiled: bool,
+    progress: Callable[[str], None],
+) -> tuple[list[BackwardRow], dict]:
+    """Forward + backward (gradients of the logits and the scale, renormalize=True) of route() against
+    autograd of the reference, eager and compiled, and against route()'s forward alone. Device events
+    around each call, no CUDA graphs (autograd allocates): small T measure the host as much as the GPU."""
+    backend = registry.select(device, num_experts, topk)
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join(["g4route", *sys.argv[1:]]),
+        "device": _device_name(device),
+        "backend": backend.name,
+        "torch": torch.__version__,
+        "triton": None if kernel.triton is None else kernel.triton.__version__,
+        "num_experts": num_experts,
+        "topk": topk,
+        "python": platform.python_version(),
+    }
+    torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+    compiled_ref = torch.compile(reference_route, dynamic=True) if compiled else None
+    scale = (torch.rand(num_experts, device=device) + 0.5).requires_grad_(True)
+    rows: list[BackwardRow] = []
+    for dtype in dtypes:
+        for t in tokens:
+            progress(f"backward {str(dtype).removeprefix('torch.')} T={t}")
+            x = torch.randn(t, num_experts, device=device).mul_(2).to(dtype).requires_grad_(True)
+            grad = torch.randn(t, topk, device=device)
+
+            def g4(x=x, grad=grad):
+                return torch.autograd.grad(route(x, topk, scale)[0], (x, scale), grad)
+
+            def eager(x=x, grad=grad):
+                return torch.autograd.grad(reference_route(x, topk, scale, True)[0], (x, scale), grad)
+
+            impls = {"g4route": g4, "eager": eager}
+            if compiled_ref is not None:
+                impls["compiled"] = lambda x=x, grad=grad: torch.autograd.grad(
+                    compiled_ref(x, topk, scale, True)[0], (x, scale), grad)
+            expected = eager()
+            for name, fn in impls.items():
+                for ours, ref in zip(fn(), expected, strict=True):
+                    torch.testing.assert_close(ours.float(), ref.float(), rtol=1e-2 if dtype != torch.float32
+                                               else 1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+            with torch.no_grad():
+                forward_us = timing.median_us(lambda x=x: route(x, topk, scale), device)
+            times = {name: timing.median_us(fn, device) for name, fn in impls.items()}
+            peaks = {name: _peak_mib(fn, device) for name, fn in impls.items()}
+            rows.append(BackwardRow(str(dtype).removeprefix("torch."), t, forward_us, times["g4route"],
+                                    times["eager"], times.get("compiled"), peaks))
+            progress("  " + ", ".join(f"{k} {v:.1f} us" for k, v in {"forward": forward_us, **times}.items()))
+            del x, grad, expected
+    return rows, meta
+
+
+def format_backward_table(rows: list[BackwardRow], meta: dict) -> str:
+    """The forward+backward results as a Markdown table."""
+    lines = [f"# {meta['device']} | backend {meta['backend']} | E={meta['num_experts']} K={meta['topk']} | "
+             f"torch {meta['torch']} triton {meta['triton']} | {meta['date']}",
+             "# forward+backward: gradients of the logits and the scale (renormalize=True); device events per "
+             "call, no CUDA graphs; peak: memory allocated above the inputs"]
+    head = ["dtype", "T", "g4route fwd us", "g4route fwd+bwd us", "fwd+bwd / fwd", "eager fwd+bwd us",
+            "compiled fwd+bwd us", "x eager", "x compiled", "peak MiB g4route / eager / compiled"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        peaks = " / ".join("-" if math.isnan(r.peak_mib.get(k, math.nan)) else f"{r.peak_mib[k]:,.1f}"
+                           for k in ("g4route", "eager", "compiled"))
+        cells = [r.dtype, f"{r.tokens:,}", _fmt(r.forward_us), _fmt(r.train_us), f"{r.train_us / r.forward_us:.2f}",
+                 _fmt(r.eager_us), _fmt(r.compiled_us), f"{r.eager_us / r.train_us:.1f}x",
+                 "-" if r.compiled_us is None else f"{r.compiled_us / r.train_us:.1f}x", peaks]
+        lines.append("| " + " | ".join(cells) + " |")
+    if meta["backend"] not in ("cuda", "rocm", "xpu"):
+        lines.append("no GPU kernel here: g4route's columns are autograd of the reference (backend "
+                     f"{meta['backend']}); the targets (fwd+bwd within 2x of fwd, 10x eager at T >= 65,536) need a GPU")
+    return "\n".join(lines)

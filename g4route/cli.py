@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import platform
 import sys
@@ -79,6 +81,16 @@ def cmd_bench(args) -> int:
     from . import bench
 
     device = torch.device(args.device or _default_device())
+    if args.backward:
+        tokens = args.tokens or ([1, 16, 256, 4096, 65536, 262144] if device.type != "cpu" else [1, 16, 256, 4096])
+        use_compile = args.compile in ("default", "all") or (args.compile == "auto" and device.type != "cpu")
+        rows, meta = bench.run_backward_bench(device, tokens, [getattr(torch, d) for d in args.dtypes],
+                                              args.experts, args.topk, use_compile, _progress(args.quiet))
+        print(bench.format_backward_table(rows, meta))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
+        return 0
     tokens = args.tokens or [4**i for i in range(10) if 4**i <= (262144 if device.type != "cpu" else 16384)]
     choice = args.compile if args.compile != "auto" else "all" if device.type != "cpu" else "none"
     modes = {"none": [], "default": ["default"], "all": ["default", "max-autotune-no-cudagraphs"]}[choice]
@@ -167,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="also plot time and fraction of the floor (needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--backward", action="store_true",
+                   help="time forward+backward (gradients of the logits and the scale) against autograd of the "
+                        "eager and compiled reference, with peak memory (default T: 1 to 262144 on a GPU, "
+                        "to 4096 on a CPU; --compile none|default drops or keeps the compiled column)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("tune", help="sweep launch configs on this GPU and emit a table family for backends/")

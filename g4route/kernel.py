@@ -291,6 +291,14 @@ def _library_helpers_interpreted():
         JITFunction.__call__ = original
 
 
+@contextlib.contextmanager
+def interpreting():
+    """The span of an interpreted launch, of this module's kernel or another's (``backward.py``): the
+    launches take turns (``_INTERPRETER_LOCK``) and Triton's own helpers run interpreted inside them."""
+    with _INTERPRETER_LOCK, _library_helpers_interpreted():
+        yield
+
+
 def exact_in_32_bits(dtype: torch.dtype, block_e: int) -> bool:
     """Whether the 32-bit packed key is exact for ``dtype`` logits over ``block_e`` columns.
 
@@ -355,7 +363,7 @@ def launch(
     T, E = logits.shape
     meta = constexprs(logits.dtype, E, topk, config, renormalize, scale is not None)
     if interpret:
-        with _INTERPRETER_LOCK, _library_helpers_interpreted():
+        with interpreting():
             _launch_in_slices(_interpreted_kernel, logits, scale, weights, ids, meta, config)
         return
     # Launch on the tensors' device and its current stream, whatever device is current (launcher.py).

@@ -20,8 +20,16 @@ arguments; calling them directly with arguments outside the contract is undefine
 They are defined with ``torch.library.Library`` and a ``CompositeExplicitAutograd`` kernel rather than
 the ``torch.library.custom_op`` decorator: a no-op operator with this schema cost 40-80 us a call
 through ``custom_op`` on the (2-core) development host, whose autograd and in-place wrappers run in
-Python on every call, compiled code included, and 7-12 us through this registration. route() is not
-differentiable (it refuses inputs that require grad), so the ops register no autograd formula.
+Python on every call, compiled code included, and 7-12 us through this registration.
+
+Autograd: ``route`` and ``route_out`` have no autograd formula, so inference (eager or compiled) never
+passes through one. Where an input requires grad, route() calls a third operator,
+``torch.ops.g4route.route_autograd`` (the same schema and implementation as ``route``), whose formula
+(``torch.library.register_autograd``) saves the logits, the ids and the scale and calls
+``torch.ops.g4route.route_backward``: the backward kernel, or autograd of the reference
+(``backward.py``), chosen like the forward's backend when it runs. AOTAutograd traces that formula, so
+``torch.compile(fullgraph=True)`` of a training step keeps both as single nodes. ``route_backward`` itself
+is not differentiable: a double backward raises a ``RuntimeError`` that says so.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import torch
 
 from . import registry
 
-__all__ = ["ROUTE", "ROUTE_OUT", "route_new", "run"]
+__all__ = ["ROUTE", "ROUTE_AUTOGRAD", "ROUTE_BACKWARD", "ROUTE_OUT", "route_new", "run"]
 
 _LIB = torch.library.Library("g4route", "DEF")
 _TAGS = (torch.Tag.pt2_compliant_tag,)
@@ -41,6 +49,16 @@ _LIB.define(
 _LIB.define(
     "route_out(Tensor gating_output, SymInt topk, Tensor? per_expert_scale, bool renormalize, "
     "Tensor(a!) weights, Tensor(b!) ids) -> ()",
+    tags=_TAGS,
+)
+_LIB.define(
+    "route_autograd(Tensor gating_output, SymInt topk, Tensor? per_expert_scale, bool renormalize) "
+    "-> (Tensor, Tensor)",
+    tags=_TAGS,
+)
+_LIB.define(
+    "route_backward(Tensor grad_weights, Tensor gating_output, Tensor ids, Tensor? per_expert_scale, "
+    "bool renormalize, bool logits_grad, bool scale_grad) -> (Tensor, Tensor)",
     tags=_TAGS,
 )
 
@@ -103,10 +121,68 @@ def _route_out_fake(gating_output, topk, per_expert_scale, renormalize, weights,
     return None
 
 
+def backward(
+    grad_weights: torch.Tensor,
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    scale: torch.Tensor | None,
+    renormalize: bool,
+    logits_grad: bool,
+    scale_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of :func:`run` w.r.t. the ``[..., E]`` logits (their shape and dtype) and the scale
+    (its dtype), from the ``[..., K]`` gradient of the weights and the ids the forward chose. A gradient
+    not asked for comes back as an empty tensor (the operator's schema has no optional outputs)."""
+    num_experts, topk = logits.shape[-1], ids.shape[-1]
+    backend = registry.select(logits.device, num_experts, topk)
+    rows = logits if logits.dim() == 2 else logits.reshape(-1, num_experts)
+    g_rows = grad_weights if grad_weights.dim() == 2 else grad_weights.reshape(-1, topk)
+    id_rows = ids if ids.dim() == 2 else ids.reshape(-1, topk)
+    grad_logits, grad_scale = backend.backward(g_rows, rows, id_rows, scale, renormalize, logits_grad, scale_grad)
+    return (logits.new_empty(0) if grad_logits is None else grad_logits.view(logits.shape),
+            logits.new_empty(0) if grad_scale is None else grad_scale.to(scale.dtype))
+
+
+def _route_backward_fake(grad_weights, gating_output, ids, per_expert_scale, renormalize, logits_grad, scale_grad):
+    return (gating_output.new_empty(gating_output.shape) if logits_grad else gating_output.new_empty(0),
+            per_expert_scale.new_empty(per_expert_scale.shape) if scale_grad else gating_output.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    gating_output, _, per_expert_scale, renormalize = inputs
+    ctx.renormalize = renormalize
+    # The logits are the input itself (autograd keeps it alive anyway) and the ids are [..., K]: no
+    # [T, E] float32 tensor is saved. The weights are not needed: the backward recomputes the softmax.
+    ctx.save_for_backward(gating_output, output[1], per_expert_scale)
+
+
+def _route_autograd_backward(ctx, grad_weights, _grad_ids):
+    logits, ids, scale = ctx.saved_tensors
+    logits_grad, _, scale_grad, _ = ctx.needs_input_grad
+    grad_logits, grad_scale = ROUTE_BACKWARD(grad_weights, logits, ids, scale, ctx.renormalize, logits_grad,
+                                             scale_grad)
+    return grad_logits if logits_grad else None, None, grad_scale if scale_grad else None, None
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("g4route.route() is differentiable once: its backward (g4route::route_backward) has no "
+                       "gradient of its own, so a double backward (e.g. a gradient penalty through the routing "
+                       "weights) is not supported")
+
+
 _LIB.impl("route", _route, "CompositeExplicitAutograd")
 _LIB.impl("route_out", _route_out, "CompositeExplicitAutograd")
+_LIB.impl("route_autograd", _route, "CompositeExplicitAutograd")
+_LIB.impl("route_backward", backward, "CompositeExplicitAutograd")
 torch.library.register_fake("g4route::route", _route_fake, lib=_LIB)
 torch.library.register_fake("g4route::route_out", _route_out_fake, lib=_LIB)
+torch.library.register_fake("g4route::route_autograd", _route_fake, lib=_LIB)
+torch.library.register_fake("g4route::route_backward", _route_backward_fake, lib=_LIB)
+torch.library.register_autograd("g4route::route_autograd", _route_autograd_backward, setup_context=_setup_context,
+                                lib=_LIB)
+torch.library.register_autograd("g4route::route_backward", _no_double_backward, lib=_LIB)
 
 ROUTE = torch.ops.g4route.route.default
 ROUTE_OUT = torch.ops.g4route.route_out.default
+ROUTE_AUTOGRAD = torch.ops.g4route.route_autograd.default
+ROUTE_BACKWARD = torch.ops.g4route.route_backward.default

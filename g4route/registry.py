@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import configs, kernel, platforms
+from . import backward, configs, kernel, platforms
 from .kernel import LaunchConfig
 from .platforms import PlatformFacts
 from .reference import reference_route, route_reference
@@ -110,6 +110,25 @@ class Backend:
         config = self.config_for(logits.device, logits.shape[0], logits.dtype)
         kernel.launch(logits, topk, scale, renormalize, weights, ids, config, interpret=self.interpret,
                       direct=self.direct_launch)
+
+    def backward(
+        self,
+        grad_weights: torch.Tensor,
+        logits: torch.Tensor,
+        ids: torch.Tensor,
+        scale: torch.Tensor | None,
+        renormalize: bool,
+        logits_grad: bool,
+        scale_grad: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The gradients of ``run`` for 2-D ``[T, E]`` logits and the ``[T, K]`` ids it chose: the backward
+        kernel where this backend launches the forward kernel, autograd of the reference elsewhere
+        (``backward.py``). The caller casts ``grad_scale`` to the scale's dtype."""
+        if not self.uses_kernel:
+            return backward.reference_backward(grad_weights, logits, ids.shape[1], scale, renormalize, logits_grad,
+                                               scale_grad)
+        return backward.launch(grad_weights, logits, ids, scale, renormalize, logits_grad, scale_grad,
+                               interpret=self.interpret)
 
 
 @functools.cache

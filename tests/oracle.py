@@ -44,3 +44,27 @@ def assert_routes_like_oracle(result, logits, topk, scale=None, renormalize=True
                              f"vs {ref_ids[tuple(where[:-1])].tolist()}")
     scale_max = 1.0 if scale is None else float(scale.double().abs().max().clamp(min=1.0))
     torch.testing.assert_close(weights.double(), ref_w, rtol=1e-5, atol=1e-6 * scale_max, equal_nan=True)
+
+
+def _softmax_or_zero(z: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim; a row of only -inf gives 0 (and gradient 0), not autograd's 0/0 NaN."""
+    shift = z.detach().amax(-1, keepdim=True)
+    shift = torch.where(shift == float("-inf"), torch.zeros_like(shift), shift)  # shift-invariant: any finite
+    e = torch.exp(z - shift)
+    total = e.sum(-1, keepdim=True)
+    return e / torch.where(total == 0, torch.ones_like(total), total)
+
+
+def oracle_gradients(logits, ids, grad_weights, scale=None, renormalize=True):
+    """Float64 autograd of the weights as a function of the logits and the scale, the ids held fixed:
+    ``(grad_logits, grad_scale)`` (``grad_scale`` None without a scale). Written independently of
+    g4route: softmax over the K chosen logits (or over all E, gathered), times ``scale[ids]``."""
+    x = logits.detach().double().requires_grad_(True)
+    s = None if scale is None else scale.detach().double().requires_grad_(True)
+    ids = ids.long()
+    weights = _softmax_or_zero(x.gather(-1, ids)) if renormalize else _softmax_or_zero(x).gather(-1, ids)
+    if s is not None:
+        weights = weights * s[ids]
+    inputs = [x] if s is None else [x, s]
+    grads = torch.autograd.grad(weights, inputs, grad_weights.double())
+    return grads[0], (grads[1] if s is not None else None)

@@ -216,17 +216,39 @@ def test_transformers_patch_as_context_manager(hf, model, gen, route_calls):
     torch.testing.assert_close(patched, reference, rtol=1e-5, atol=1e-6)
 
 
-def test_transformers_autograd_uses_the_original_router(hf, model, gen, route_calls):
-    # Training needs the router's gradients, which g4route does not give: the original forward runs.
+def _training_step(model, input_ids):
+    """Loss (causal LM + 0.01 x the Switch-Transformer load-balancing loss over the recorded router
+    probabilities) and every parameter's gradient after loss.backward()."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    model.zero_grad(set_to_none=True)
+    output = model(input_ids, labels=input_ids, output_router_logits=True)
+    loss = output.loss
+    router_logits = _router_logits(output)
+    if router_logits:  # recorded from Transformers 5.19
+        loss = loss + 0.01 * load_balancing_loss_func(router_logits, E, K)
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_transformers_training_step_matches_the_unpatched_model(hf, model, gen, route_calls):
+    """Training through g4route: the same loss and every parameter's gradient within 1e-5 relative (to
+    that parameter's largest gradient), the router's own parameters (proj, scale, per_expert_scale)
+    included, with output_router_logits=True and the load-balancing loss."""
     _, adapter = hf
-    input_ids = torch.randint(0, 256, (1, 6), generator=gen)
-    reference = model(input_ids).logits
+    model.train()
+    input_ids = torch.randint(0, 256, (2, 13), generator=gen)
+    loss0, grads0 = _training_step(model, input_ids)
     with adapter.patch_gemma4(model):
-        logits = model(input_ids).logits
-        logits.sum().backward()
-    assert not route_calls
-    assert torch.equal(logits, reference)
-    assert all(router.per_expert_scale.grad is not None for router in _routers(model))
+        loss1, grads1 = _training_step(model, input_ids)
+    assert len(route_calls) == len(_routers(model)), "the patched model did not route through g4route"
+    torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=0)
+    assert grads1.keys() == grads0.keys()
+    router_params = [n for n in grads0 if ".router." in n]
+    assert any(n.endswith("per_expert_scale") for n in router_params) and any("proj" in n for n in router_params)
+    for name, reference in grads0.items():
+        error = float((grads1[name] - reference).abs().max()) / max(float(reference.abs().max()), 1e-30)
+        assert error <= 1e-5, f"{name}: gradient differs by {error:.2e} relative"
 
 
 def test_transformers_without_router_probabilities(hf, model, gen, route_calls):

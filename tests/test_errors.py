@@ -56,14 +56,17 @@ def test_gating_output_without_experts(logits):
         g4route.route(logits, 1)
 
 
-def test_gating_output_requiring_grad_is_refused_under_grad_mode(logits):
-    leaf = logits.clone().requires_grad_(True)
+@pytest.mark.parametrize("needs_grad", ["gating_output", "per_expert_scale"])
+def test_out_is_refused_while_an_input_requires_grad(logits, needs_grad):
+    leaf = logits.clone().requires_grad_(needs_grad == "gating_output")
+    scale = torch.ones(E, requires_grad=needs_grad == "per_expert_scale")
     assert torch.is_grad_enabled()
-    with pytest.raises(TypeError, match="gating_output"):
-        g4route.route(leaf, K)
-    # ...also when it is not a leaf (the router's output in a training graph).
-    with pytest.raises(TypeError, match="gating_output"):
-        g4route.route(leaf * 2, K)
+    for x in (leaf, leaf * 2):  # a leaf, and not a leaf (the router's output in a training graph)
+        with pytest.raises(TypeError, match="out= cannot be used while gating_output or per_expert_scale requires"):
+            g4route.route(x, K, scale, out=_out())
+    with torch.no_grad():  # no autograd asked for: out= is fine
+        weights, _ = g4route.route(leaf, K, scale, out=_out())
+    assert not weights.requires_grad
 
 
 def test_gating_output_requiring_grad_is_fine_under_no_grad(logits):
@@ -264,12 +267,6 @@ def test_forced_backend_that_cannot_run_says_why_and_what_can(monkeypatch, logit
 
 
 # ------------------------------------------------------------------ inputs that would need autograd
-
-
-def test_scale_requiring_grad_is_refused_under_grad_mode(logits):
-    scale = torch.ones(E, requires_grad=True)
-    with pytest.raises(TypeError, match="per_expert_scale"):
-        g4route.route(logits, K, scale)
 
 
 @pytest.mark.parametrize("backend", ["torch", "interpreter"])

@@ -160,8 +160,9 @@ def test_bad_calls_are_refused_while_tracing(gen):
     with pytest.raises(Exception, match=r"topk must be in \[1, E\]"):
         torch.compile(too_many, fullgraph=True, dynamic=True, backend="aot_eager")(logits)
     torch._dynamo.reset()
-    with pytest.raises(TypeError, match="gating_output requires grad"):
-        torch.compile(_route, dynamic=True, backend="aot_eager")(logits.requires_grad_(True), None)
+    out = (torch.empty(4, K), torch.empty(4, K, dtype=torch.int32))
+    with pytest.raises(TypeError, match="out= cannot be used while gating_output or per_expert_scale requires grad"):
+        torch.compile(_route_out, dynamic=True, backend="aot_eager")(logits.requires_grad_(True), None, *out)
 
 
 # ------------------------------------------------------------------------- export, fake tensors, opcheck

@@ -19,9 +19,10 @@ are the softmax over the K chosen logits, which equals the renormalised probabil
 - Transformers 5.13 and later compute the routing softmax in float32, as g4route does. 5.5 to 5.12
   computed it in the model's dtype: for a bfloat16 or float16 model, routing through g4route there
   gives weights rounded differently from the unpatched model (``patch_gemma4`` warns).
-- Where autograd would need the router's gradients (grad mode on and the input or a router parameter
-  requiring grad: training), the router's own forward runs, so training is unchanged. Inference
-  (``torch.no_grad``, ``torch.inference_mode``, ``model.generate``, frozen weights) goes through g4route.
+- Training goes through g4route too: ``route()`` is differentiable w.r.t. the expert scores and
+  ``per_expert_scale`` (its backward kernel on GPUs), and the all-expert probabilities that
+  ``output_router_logits=True`` and the load-balancing loss use come from ``torch.softmax`` as in the
+  model, so every parameter gets the unpatched model's gradient (to float32 rounding).
 - ``torch.compile(model)`` traces through the patched routers without a graph break (``route()`` is
   an operator under tracing; see ``g4route/op.py``).
 """
@@ -60,19 +61,11 @@ def _softmax_in_float32() -> bool:
     return (major, minor) >= (5, 13)
 
 
-def _needs_autograd(router: torch.nn.Module, hidden_states: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and (
-        hidden_states.requires_grad or any(p.requires_grad for p in router.parameters())
-    )
-
-
-def _g4route_forward(router: torch.nn.Module, original: Callable, probabilities: bool) -> Callable:
+def _g4route_forward(router: torch.nn.Module, probabilities: bool) -> Callable:
     """The forward that replaces ``router.forward``: Gemma4TextRouter's, routing through g4route."""
     topk = int(router.config.top_k_experts)
 
     def forward(hidden_states: torch.Tensor):
-        if _needs_autograd(router, hidden_states):
-            return original(hidden_states)
         hidden_states = router.norm(hidden_states)
         hidden_states = hidden_states * router.scale * router.scalar_root_size
         expert_scores = router.proj(hidden_states)  # [T, E]
@@ -81,6 +74,7 @@ def _g4route_forward(router: torch.nn.Module, original: Callable, probabilities:
         # dtype the original computes, float32 times per_expert_scale's: float32 unless the scale is float64.
         if router.per_expert_scale.dtype == torch.float64:
             weights = weights.double()
+        # Where autograd is on, route() records its own backward (w.r.t. expert_scores and the scale).
         router_probabilities = (
             torch.nn.functional.softmax(expert_scores, dim=-1, dtype=torch.float32) if probabilities else None
         )
@@ -175,7 +169,7 @@ def patch_gemma4(model: torch.nn.Module, *, router_probabilities: bool = True) -
     saved, installed = [], []
     for router in routers:
         saved.append(router.__dict__.get("forward", _MISSING))
-        forward = _g4route_forward(router, router.forward, router_probabilities)
+        forward = _g4route_forward(router, router_probabilities)
         router.forward = forward
         installed.append(forward)
     return Gemma4Patch(routers, saved, installed)

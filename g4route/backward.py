@@ -1,0 +1,294 @@
+"""The backward of ``route()``: one Triton kernel (every vendor, and the interpreter), and the reference's
+autograd for every other backend.
+
+What the gradient is
+--------------------
+With ``z`` a row's logits (float32), ``ids`` its K chosen experts, ``s`` the per-expert scale (ones when
+none), ``g`` the incoming gradient of the weights ``[K]`` and ``a_k = g_k * s[ids_k]``:
+
+- ``renormalize=True``: ``q = softmax(z[ids])`` and ``w_k = q_k * s[ids_k]``, so
+  ``dL/dz[ids_k] = q_k * (a_k - sum_j q_j a_j)`` and the gradient is zero at every other expert.
+- ``renormalize=False``: ``p = softmax(z)`` over all E and ``w_k = p[ids_k] * s[ids_k]``, so
+  ``dL/dz = p * (A - sum_k p[ids_k] a_k)`` with ``A`` holding ``a_k`` at ``ids_k`` and 0 elsewhere: every
+  column has a gradient, and the whole row is read.
+- ``dL/ds[e] = sum over (t, k) with ids[t, k] == e of g[t, k] * q[t, k]`` (``p[ids]`` for False).
+- A row whose largest logit is ``-inf`` (every expert masked) has the constant weights 0: its gradient is
+  0. A row with a NaN (or a ``+inf``) logit has NaN weights and gets NaN gradients, as autograd of
+  ``torch.softmax`` would give; it never raises.
+
+``q`` (or ``p``) is recomputed from the logits, not recovered from the saved weights: dividing the weights
+by the scale would fail wherever the scale is 0. The forward saves only the ids and keeps the logits (the
+input itself, which autograd holds anyway); no ``[T, E]`` float32 tensor is saved or made.
+
+The kernel
+----------
+A program takes ``SUB_BLOCKS`` tiles of ``BLOCK_T`` rows and writes each ``[BLOCK_T, E]`` gradient tile
+once, in the logits' dtype (zeros outside the chosen K for ``renormalize=True``), with float32 math. Per
+row it reads the K
+ids, the K incoming gradients, the K chosen logits (a gather from the logits' rows) and, for
+``renormalize=False``, the whole row. The row's largest logit is the chosen one in column 0 (the forward
+orders the ids by descending logit), so NaN rows keep NaN and ``-inf`` rows are recognised exactly as the
+forward recognises them.
+
+The scale's gradient is reduced deterministically: each program writes its ``[E]`` partial sum (a fixed
+reduction order within the program) to its own row of a ``[programs, E]`` float32 buffer, and
+``torch.sum`` over the programs adds them up (no atomics), so repeated runs give bitwise-identical results.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from . import kernel, launcher
+from .kernel import tl, triton
+from .reference import reference_route
+
+# A GPU program's tile: about this many logits (few registers per row value), and this many rows per
+# program in all (few partial sums of the scale's gradient: [T / rows, E] float32).
+_GPU_TILE_ELEMENTS = 512
+_GPU_ROWS_PER_PROGRAM = 64
+
+
+class BackwardConfig(NamedTuple):
+    """How one backward launch is shaped: rows per tile, tiles per program, warps."""
+
+    block_rows: int
+    sub_blocks: int
+    num_warps: int
+
+    @property
+    def rows_per_program(self) -> int:
+        return self.block_rows * self.sub_blocks
+
+
+def config_for(tokens: int, num_experts: int, interpret: bool) -> BackwardConfig:
+    """A simple default, not a tuned table. On a GPU: tiles of about ``_GPU_TILE_ELEMENTS`` logits (wider
+    rows: one row), four elements a lane (larger tiles made the compiler keep every per-row value of the
+    K steps in registers and spill; ahead-of-time compiles for sm_90 show no spill for K <= 8),
+    ``_GPU_ROWS_PER_PROGRAM`` rows a program where there are that many.
+    The interpreter runs programs one after another, so it gets one tile as large as
+    ``kernel.MAX_TILE_ELEMENTS`` allows."""
+    block_e = triton.next_power_of_2(num_experts)
+    wanted = triton.next_power_of_2(max(tokens, 1))
+    if interpret:
+        return BackwardConfig(max(1, min(wanted, kernel.MAX_TILE_ELEMENTS // block_e)), 1, 1)
+    block_rows = max(1, min(wanted, _GPU_TILE_ELEMENTS // block_e))
+    sub_blocks = max(1, min(wanted, _GPU_ROWS_PER_PROGRAM) // block_rows)
+    return BackwardConfig(block_rows, sub_blocks, max(1, min(16, block_rows * block_e // 128)))
+
+
+def _tile_gradients(grad_w_ptr, logits_ptr, ids_ptr, scale_ptr, rows, row_ok, cols, E, stride_gt, stride_gk,
+                    stride_lt, stride_le, stride_it, stride_ik, K: tl.constexpr, BLOCK_T: tl.constexpr,
+                    BLOCK_E: tl.constexpr, HAS_SCALE: tl.constexpr, RENORMALIZE: tl.constexpr,
+                    LOGITS_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr):
+    """``[BLOCK_T, BLOCK_E]`` tiles of the logits' gradient and of the scale-gradient terms (``g_k q_k`` at
+    ``ids_k``) for the rows ``rows``."""
+    logits_row = logits_ptr + rows * stride_lt
+    ids_row = ids_ptr + rows * stride_it
+    grad_row = grad_w_ptr + rows * stride_gt
+
+    # Column 0 holds the row's largest logit (NaN ranks first). Rows past T read as -inf, i.e. as masked
+    # rows: their gradient is 0 and they add nothing to the scale's.
+    top = tl.load(ids_row, mask=row_ok, other=0)
+    row_max = tl.load(logits_row + top * stride_le, mask=row_ok, other=float("-inf")).to(tl.float32)
+    masked = row_max == float("-inf")
+    shift = tl.where(masked, 0.0, row_max)  # -inf - -inf would be NaN; masked rows' terms are 0 anyway
+
+    d_logits = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+    d_scale = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+    if RENORMALIZE:
+        # q = softmax over the K chosen logits. One pass over the K: each one's exponential (and times a_k,
+        # and g_k) lands in its column of a tile, the row sums build up, and the per-k values die at once
+        # (two passes would have the compiler keep all K of them live between the passes, and spill).
+        denom = tl.zeros([BLOCK_T], dtype=tl.float32)
+        dot = tl.zeros([BLOCK_T], dtype=tl.float32)
+        # e_k at ids_k; elsewhere -1, which no exponential is (NaN included): it marks the unchosen columns.
+        exp_chosen = tl.full([BLOCK_T, BLOCK_E], -1.0, dtype=tl.float32)
+        exp_a = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)  # e_k * a_k at ids_k
+        for k in tl.static_range(K):
+            idk = tl.load(ids_row + k * stride_ik, mask=row_ok, other=0)
+            ek = tl.exp(tl.load(logits_row + idk * stride_le, mask=row_ok, other=float("-inf")).to(tl.float32)
+                        - shift)
+            gk = tl.load(grad_row + k * stride_gk, mask=row_ok, other=0.0)
+            ak = gk
+            if HAS_SCALE:
+                ak = gk * tl.load(scale_ptr + idk, mask=row_ok, other=0.0).to(tl.float32)
+            denom += ek
+            dot += ek * ak
+            hit = cols[None, :] == idk[:, None]  # the ids of a row are distinct: one k per column
+            exp_chosen = tl.where(hit, ek[:, None], exp_chosen)
+            if LOGITS_GRAD:
+                exp_a = tl.where(hit, (ek * ak)[:, None], exp_a)
+            if SCALE_GRAD:
+                d_scale = tl.where(hit, (ek * gk)[:, None], d_scale)
+        inv = tl.where(masked, 0.0, 1.0 / denom)  # masked rows: weights are the constant 0
+        # Only the chosen columns: elsewhere 0, even where the row's inv is NaN (a NaN row).
+        picked = exp_chosen != -1.0
+        if LOGITS_GRAD:
+            # q_k (a_k - sum_j q_j a_j) = (e_k a_k - e_k * dot / denom) / denom
+            d_logits = tl.where(picked, (exp_a - exp_chosen * (dot * inv)[:, None]) * inv[:, None], 0.0)
+        if SCALE_GRAD:
+            d_scale = tl.where(picked, d_scale * inv[:, None], 0.0)  # g_k q_k
+    else:
+        # p = softmax over all E: the whole row is read (the gradient touches every column anyway).
+        x = tl.load(logits_row[:, None] + cols[None, :] * stride_le, mask=row_ok[:, None] & (cols[None, :] < E),
+                    other=float("-inf")).to(tl.float32)
+        e = tl.exp(x - shift[:, None])
+        inv = tl.where(masked, 0.0, 1.0 / tl.sum(e, axis=1))
+        chosen = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)  # a_k at ids_k, 0 elsewhere
+        dot = tl.zeros([BLOCK_T], dtype=tl.float32)
+        for k in tl.static_range(K):
+            idk = tl.load(ids_row + k * stride_ik, mask=row_ok, other=0)
+            pk = tl.exp(tl.load(logits_row + idk * stride_le, mask=row_ok, other=float("-inf")).to(tl.float32)
+                        - shift) * inv
+            gk = tl.load(grad_row + k * stride_gk, mask=row_ok, other=0.0)
+            ak = gk
+            if HAS_SCALE:
+                ak = gk * tl.load(scale_ptr + idk, mask=row_ok, other=0.0).to(tl.float32)
+            dot += pk * ak
+            hit = cols[None, :] == idk[:, None]
+            if LOGITS_GRAD:
+                chosen = tl.where(hit, ak[:, None], chosen)
+            if SCALE_GRAD:
+                d_scale = tl.where(hit, (gk * pk)[:, None], d_scale)
+        if LOGITS_GRAD:
+            d_logits = e * inv[:, None] * (chosen - dot[:, None])
+
+    return d_logits, d_scale
+
+
+def _route_backward_kernel(
+    grad_w_ptr,
+    logits_ptr,
+    ids_ptr,
+    scale_ptr,
+    grad_logits_ptr,
+    grad_scale_ptr,
+    T,
+    E,
+    stride_gt,
+    stride_gk,
+    stride_lt,
+    stride_le,
+    stride_it,
+    stride_ik,
+    K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    SUB_BLOCKS: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    LOGITS_GRAD: tl.constexpr,
+    SCALE_GRAD: tl.constexpr,
+):
+    # A program takes SUB_BLOCKS tiles of BLOCK_T rows one after another: small tiles keep the per-row
+    # values in few registers, several of them per program keep the scale's partial sums few.
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_E)
+    scale_sum = tl.zeros([BLOCK_E], dtype=tl.float32)
+    for sub in range(SUB_BLOCKS):
+        rows = (pid.to(tl.int64) * SUB_BLOCKS + sub) * BLOCK_T + tl.arange(0, BLOCK_T)  # 64-bit: T * E > 2**31
+        row_ok = rows < T
+        d_logits, d_scale = _tile_gradients(grad_w_ptr, logits_ptr, ids_ptr, scale_ptr, rows, row_ok, cols, E,
+                                            stride_gt, stride_gk, stride_lt, stride_le, stride_it, stride_ik, K,
+                                            BLOCK_T, BLOCK_E, HAS_SCALE, RENORMALIZE, LOGITS_GRAD, SCALE_GRAD)
+        if LOGITS_GRAD:
+            # Written once, every column (zeros included), in the logits' dtype (the store converts).
+            out = grad_logits_ptr + rows[:, None] * E + cols[None, :]
+            tl.store(out, d_logits, mask=row_ok[:, None] & (cols[None, :] < E))
+        if SCALE_GRAD:
+            scale_sum += tl.sum(d_scale, axis=0)
+    if SCALE_GRAD:
+        # This program's partial sum, in its own row of the [programs, E] buffer: no atomics.
+        tl.store(grad_scale_ptr + pid.to(tl.int64) * E + cols, scale_sum, mask=cols < E)
+
+
+if triton is not None:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    _tile_gradients = triton.jit(_tile_gradients)
+    _compiled_kernel = triton.jit(_route_backward_kernel)
+    _interpreted_kernel = InterpretedFunction(_route_backward_kernel)
+
+
+def launch(
+    grad_weights: torch.Tensor,
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    scale: torch.Tensor | None,
+    renormalize: bool,
+    logits_grad: bool,
+    scale_grad: bool,
+    interpret: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The gradients of ``route()`` for 2-D ``[T, E]`` logits, ``[T, K]`` ids (the forward's, ordered by
+    descending logit) and ``[T, K]`` float32 ``grad_weights``: ``(grad_logits, grad_scale)``, each ``None``
+    where not asked for. ``grad_logits`` is ``[T, E]``, contiguous, in the logits' dtype; ``grad_scale`` is
+    ``[E]`` float32 (the caller casts it to the scale's dtype). One kernel launch, then for the scale one
+    ``torch.sum`` over the programs' partial sums."""
+    if triton is None:
+        raise RuntimeError(f"the Triton kernel needs the triton package ({kernel.TRITON_IMPORT_ERROR})")
+    T, E = logits.shape
+    K = ids.shape[1]
+    grad_logits = torch.empty(T, E, dtype=logits.dtype, device=logits.device) if logits_grad else None
+    if T == 0:
+        return grad_logits, torch.zeros(E, dtype=torch.float32, device=logits.device) if scale_grad else None
+    config = config_for(T, E, interpret)
+    grid = -(-T // config.rows_per_program)
+    partials = torch.empty(grid, E, dtype=torch.float32, device=logits.device) if scale_grad else None
+    # Pointers never read (their constexpr flag is off) stand in as the logits.
+    args = (grad_weights, logits, ids, logits if scale is None else scale,
+            logits if grad_logits is None else grad_logits, logits if partials is None else partials,
+            T, E, *grad_weights.stride(), *logits.stride(), *ids.stride())
+    meta = {"K": K, "BLOCK_T": config.block_rows, "SUB_BLOCKS": config.sub_blocks,
+            "BLOCK_E": triton.next_power_of_2(E), "HAS_SCALE": scale is not None,
+            "RENORMALIZE": renormalize, "LOGITS_GRAD": logits_grad, "SCALE_GRAD": scale_grad}
+    if interpret:
+        with kernel.interpreting():
+            _interpreted_kernel[(grid,)](*args, num_warps=config.num_warps, **meta)
+    else:
+        previous = launcher.enter_device(logits)  # the tensors' device and its current stream
+        try:
+            _compiled_kernel[(grid,)](*args, num_warps=config.num_warps, num_stages=1, **meta)
+        finally:
+            launcher.leave_device(logits, previous)
+    grad_scale = None if partials is None else partials.sum(dim=0) if grid > 1 else partials[0]
+    return grad_logits, grad_scale
+
+
+def reference_backward(
+    grad_weights: torch.Tensor,
+    logits: torch.Tensor,
+    topk: int,
+    scale: torch.Tensor | None,
+    renormalize: bool,
+    logits_grad: bool,
+    scale_grad: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The same gradients by autograd of ``reference_route`` (the ``torch`` backend, any device).
+
+    The forward is recomputed (the reference selects the same ids: the tie rule is part of the contract)
+    and differentiated with ``torch.func.vjp``: this runs inside the ``route_backward`` operator, below
+    the dispatcher's autograd layer, where ``torch.autograd.grad`` would see no graph. One correction: for
+    a row whose every logit is ``-inf``, autograd of the softmax gives NaN (0/0 inside it) although the
+    row's weights are the constant 0; such rows get 0, as the kernel gives them.
+    """
+    def weights_of(*primals):
+        primals = list(primals)
+        x = primals.pop(0) if logits_grad else logits
+        s = primals.pop(0) if scale_grad else scale
+        weights, ids = reference_route(x, topk, s, renormalize)
+        return weights, ids
+
+    primals = [t for t, wanted in ((logits, logits_grad), (scale, scale_grad)) if wanted]
+    _, vjp, ids = torch.func.vjp(weights_of, *primals, has_aux=True)
+    grads = list(vjp(grad_weights.to(torch.float32)))
+    grad_logits = grads.pop(0).contiguous() if logits_grad else None
+    grad_scale = grads.pop(0) if scale_grad else None
+    if grad_logits is not None and grad_logits.numel():
+        all_masked = logits.gather(1, ids[:, :1].long()) == float("-inf")
+        grad_logits = torch.where(all_masked, torch.zeros((), dtype=grad_logits.dtype, device=grad_logits.device),
+                                  grad_logits)
+    return grad_logits, grad_scale
