@@ -202,3 +202,49 @@ def test_interpreter_leaves_triton_language_as_it_found_it(monkeypatch):
         after = dict(vars(module))
         changed = sorted(k for k in snapshot.keys() | after.keys() if snapshot.get(k) is not after.get(k))
         assert not changed, f"{module} still patched: {changed[:5]}"
+
+
+_THREADS_SCRIPT = """
+import os, sys, threading
+import torch
+sys.path.insert(0, {tests!r})
+from oracle import assert_routes_like_oracle
+import g4route
+
+barrier = threading.Barrier(8)
+failures = []
+
+def work(i):
+    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    logits = torch.randn(5 + i, 16 + 8 * i, generator=gen).to([torch.float32, torch.bfloat16][i % 2])
+    barrier.wait()
+    try:
+        assert_routes_like_oracle(g4route.route(logits, 3), logits, 3)
+    except BaseException as exc:
+        failures.append(f"thread {{i}}: {{type(exc).__name__}}: {{exc}}")
+
+threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print("\\n".join(failures) or "all 8 threads routed correctly")
+sys.exit(1 if failures else 0)
+"""
+
+
+def test_interpreter_first_calls_from_eight_threads_at_once():
+    """Triton's interpreter patches triton.language process-wide while a kernel runs: eight threads making
+    their first route() calls together (a fresh process, so they really are the first) must not undo each
+    other's patches mid-run."""
+    if g4route.registry.why_not(g4route.registry.get("interpreter"), torch.device("cpu"), 8, 2):
+        pytest.skip("no Triton here")
+    import os
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "G4ROUTE_BACKEND": "interpreter"}
+    result = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT.format(tests=tests)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
