@@ -42,7 +42,11 @@ _INT32_MIN = -(1 << 31)
 
 
 def _sorted_ids(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The contract's order by a stable descending sort (NaN first, ``-0.0 == +0.0``): the slow, sure way."""
+    """The contract's order by a stable descending sort (NaN first, ``-0.0 == +0.0``): the slow, sure way.
+    16-bit logits are sorted as float32 off the CPU: a CUDA sort of bfloat16 rows holding NaN did not keep
+    that order (H200, PyTorch 2.11)."""
+    if x.device.type != "cpu" and x.dtype != torch.float32:
+        x = x.float()
     return torch.sort(x, dim=-1, descending=True, stable=True).indices[:, :k]
 
 

@@ -307,15 +307,15 @@ def test_transformers_model_split_over_two_gpus(first_gpu_current, gen, monkeypa
 
 
 def _split_over_two_gpus(model) -> None:
-    """Embeddings and the first half of the layers on cuda:0, the rest and the head on cuda:1, with hooks
-    moving each layer's inputs to its device (what accelerate's device_map="auto" dispatch does)."""
+    """Embeddings and the first half of the layers on cuda:0, the rest and the final norm on cuda:1, with
+    hooks moving each module's inputs to its device (what accelerate's device_map="auto" dispatch does).
+    The head shares its weight with the embeddings (tied), so it stays on cuda:0."""
     layers = model.model.layers
     half = len(layers) // 2
     model.to("cuda:0")
     for layer in layers[half:]:
         layer.to("cuda:1")
     model.model.norm.to("cuda:1")
-    model.lm_head.to("cuda:1")
 
     def to_device(device):
         def move(value):
@@ -335,6 +335,6 @@ def _split_over_two_gpus(model) -> None:
     for layer in layers:
         device = next(layer.parameters()).device
         layer.register_forward_pre_hook(to_device(device), with_kwargs=True)
-    for module in (model.model.norm, model.lm_head):
-        module.register_forward_pre_hook(to_device(torch.device("cuda:1")), with_kwargs=True)
+    model.model.norm.register_forward_pre_hook(to_device(torch.device("cuda:1")), with_kwargs=True)
+    model.lm_head.register_forward_pre_hook(to_device(torch.device("cuda:0")), with_kwargs=True)
 
