@@ -160,7 +160,7 @@ def test_vllm_loader_applies_the_plugin_when_vllm_imports_gemma4():
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
-    print(output)
+    print("\n".join(line for line in output.splitlines() if "plugin" in line or "g4route" in line))
     assert "patched: g4route_gemma4_routing_triton g4route_gemma4_routing_torch" in output
     # The line that says it is active, in vLLM's own log.
     assert "g4route: vLLM's Gemma 4 MoE routing goes through g4route.route" in output
