@@ -13,6 +13,7 @@ native). The expert GEMMs are not run. Nothing here imports SGLang at collection
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import logging
 import os
@@ -288,14 +289,15 @@ def test_sglang_layer_whose_routing_was_replaced_by_someone_else_keeps_it(sglang
 
     own_init = sglang_gemma4.Gemma4MoE.__init__
 
+    @functools.wraps(own_init)  # as SGLang's HookRegistry wraps a method
     def their_init(self, *args, **kwargs):
         own_init(self, *args, **kwargs)
         self.topk.topk_config.custom_routing_function = theirs
 
     monkeypatch.setattr(sglang_gemma4.Gemma4MoE, "__init__", their_init)
-    monkeypatch.setattr(g4route_sglang, "mismatches", lambda module: [])  # their __init__ hides SGLang's closure
     caplog.set_level(logging.INFO)
     load_plugins_as_sglang_does()
+    assert g4route_sglang.is_patched(sglang_gemma4)  # their wrapper hides nothing g4route needs
     layer = build_layer(sglang_gemma4, torch.ones(E))
     assert layer.topk.topk_config.custom_routing_function is theirs
     assert sum(r.levelno == logging.WARNING for r in caplog.records if r.name == g4route_sglang.logger.name) == 1

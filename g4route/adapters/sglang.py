@@ -97,8 +97,8 @@ def mismatches(module: types.ModuleType) -> list[str]:
     cls = getattr(module, MOE_CLASS, None)
     if not isinstance(cls, type):
         return [f"no class {MOE_CLASS}"]
-    init = getattr(cls.__init__, _WRAPPED, cls.__init__)
-    closure = _closure_code(init)
+    # Through any wrappers (functools.wraps: ours, or another plugin's hook) to SGLang's own __init__.
+    closure = _closure_code(inspect.unwrap(cls.__init__))
     if closure is None:
         return [f"{MOE_CLASS}.__init__ defines no {CLOSURE[0]}"]
     params = closure.co_varnames[:closure.co_argcount]
@@ -160,7 +160,7 @@ def patch(module: types.ModuleType) -> bool:
         return False
     cls = getattr(module, MOE_CLASS)
     original_init = cls.__init__
-    closure = _closure_code(original_init)
+    closure = _closure_code(inspect.unwrap(original_init))
 
     @functools.wraps(original_init)
     def __init__(self, *args, **kwargs):
