@@ -10,6 +10,8 @@
   fails on a compile error or a register spill (``python -m g4route.aot``).
 - ``compile-xpu``: the same for Intel (SPIR-V for the Arc Pro B60) with triton-xpu, which replaces
   the triton package and so gets a virtualenv of its own.
+- ``engines``: g4route's vLLM and SGLang plugins against the real engines (pinned, installed for a CPU),
+  through each engine's own plugin loader and routing call; fails if any test is skipped.
 """
 
 from __future__ import annotations
@@ -18,16 +20,17 @@ import glob
 import os
 import shutil
 import sys
+import xml.etree.ElementTree as ElementTree
 
 import nox
 
-nox.options.sessions = ["tests", "lint", "compile"]
+nox.options.sessions = ["tests", "lint", "compile", "engines"]
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # The PyTorch for the CPU virtualenvs; override for another platform, e.g. G4ROUTE_TORCH="torch>=2.4".
 TORCH = os.environ.get("G4ROUTE_TORCH", "torch==2.13.0")
 TRITON = os.environ.get("G4ROUTE_TRITON", "triton==3.6.0")
-CPU_MARKERS = "not cuda and not rocm and not xpu"
+CPU_MARKERS = "not cuda and not rocm and not xpu and not engines"
 # Intel's Triton (the `intel` backend) and the SYCL runtime it builds against (DESIGN.md section 4).
 TRITON_XPU = os.environ.get("G4ROUTE_TRITON_XPU", "triton-xpu==3.3.0b1")
 SYCL_RT = os.environ.get("G4ROUTE_SYCL_RT", "intel-sycl-rt==2025.0.5")
@@ -153,3 +156,40 @@ def compile_xpu(session: nox.Session) -> None:
                     "(apt-get install intel-opencl-icd brings one that knows pvc)")
     session.run("python", "-m", "g4route.aot", *args, *session.posargs,
                 env={"PYTHONPATH": ROOT, "CC": os.environ.get("CC", "g++")})
+
+
+# The engines the plugins are tested against and what importing their Gemma 4 model code takes, pinned.
+ENGINES_REQUIREMENTS = os.path.join(ROOT, "tests", "requirements-engines.txt")
+_ENGINE_VERSIONS = """
+import importlib.metadata as m
+def version(d):
+    try:
+        return m.version(d)
+    except m.PackageNotFoundError:
+        return "not installed (tests/torchvision_stub.py stands in)" if d == "torchvision" else "not installed"
+print("; ".join(f"{d} {version(d)}" for d in ("vllm", "sglang", "transformers", "torch", "triton", "torchvision",
+                                              "g4route")))
+"""
+
+
+@nox.session
+def engines(session: nox.Session) -> None:
+    """vLLM 0.33.0 and SGLang 0.5.23 route Gemma 4 through g4route's plugins (tests marked ``engines``).
+
+    The engines go in with ``--no-deps`` and only what their Gemma 4 model modules import on a CPU
+    (tests/requirements-engines.txt): their full requirements are GPU stacks. g4route is installed from a
+    wheel build, as a user has it, so the engines find its entry points. A skipped test fails the session.
+    """
+    session.install(TORCH, TRITON, "numpy==2.4.6", "pytest==9.2.0")
+    session.install("--no-deps", "-r", ENGINES_REQUIREMENTS)
+    session.install("--no-deps", ROOT)
+    session.run("python", "-c", _ENGINE_VERSIONS)
+    report = os.path.join(session.create_tmp(), "engines-junit.xml")
+    # -rP: the passing tests' output too (what each engine's loader logged about g4route's plugin).
+    session.run("pytest", "-m", "engines", "-v", "-rsP", f"--junitxml={report}", *session.posargs,
+                env={"G4ROUTE_BACKEND": "", "VLLM_TARGET_DEVICE": "cpu"})
+    suite = ElementTree.parse(report).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    skipped, tests = int(suite.get("skipped", 0)), int(suite.get("tests", 0))
+    if skipped or not tests:
+        session.error(f"engines: {skipped} of {tests} tests skipped; a skipped engine test is not a pass")

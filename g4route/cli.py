@@ -65,7 +65,17 @@ def cmd_info(args) -> int:
                 + (f"/{c.lanes_per_row} lanes a row" if c.lanes_per_row else "")
                 for t in INFO_TOKENS for c in [backend.config_for(device, t, dtype)])
             print(f"    {str(dtype).removeprefix('torch.'):<9} {cfgs}")
+    _print_engines()
     return 0
+
+
+def _print_engines() -> None:
+    """The serving engines installed here and whether g4route's plugin applies to each (no engine imported)."""
+    from .adapters.engines import engine_reports
+
+    print("\nserving engines (plugins: G4ROUTE_VLLM=0 / G4ROUTE_SGLANG=0 turn them off):")
+    for report in engine_reports():
+        print(f"  {report.describe()}")
 
 
 def _progress(quiet: bool):

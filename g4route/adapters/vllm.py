@@ -1,5 +1,8 @@
 """A ``custom_routing_function`` for vLLM's ``FusedMoE``, bound to a Gemma 4 layer's per-expert scale.
 
+For models built by hand. vLLM's own Gemma 4 model needs none of this: with g4route installed, the vLLM
+plugin (``vllm_plugin.py``) routes it through g4route.
+
 vLLM's ``FusedMoE(..., custom_routing_function=fn)`` calls ``fn(hidden_states=..., gating_output=...,
 topk=..., renormalize=...)`` with the router logits ``[T, E]`` and takes back ``(topk_weights, topk_ids)``,
 which it casts to float32 and int32 (or the expert kernel's index dtype). Gemma 4's per-expert scale is
