@@ -357,9 +357,14 @@ def run_backward_bench(
                     compiled_ref(x, topk, scale, True)[0], (x, scale), grad)
             expected = eager()
             for name, fn in impls.items():
-                for ours, ref in zip(fn(), expected, strict=True):
-                    torch.testing.assert_close(ours.float(), ref.float(), rtol=1e-2 if dtype != torch.float32
-                                               else 1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+                d_logits, d_scale = fn()
+                torch.testing.assert_close(d_logits.float(), expected[0].float(), rtol=1e-2 if dtype != torch.float32
+                                           else 1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+                # The scale's gradient sums T * K / E terms of either sign an expert: float32 sums in another
+                # order differ by more than the elementwise tolerance, so compare at the size of the sums.
+                torch.testing.assert_close(d_scale, expected[1], rtol=1e-4,
+                                           atol=1e-5 * float(expected[1].abs().max()) + 1e-6,
+                                           msg=lambda m, name=name: f"{name} (scale): {m}")
             with torch.no_grad():
                 forward_us = timing.median_us(lambda x=x: route(x, topk, scale), device)
             times = {name: timing.median_us(fn, device) for name, fn in impls.items()}
