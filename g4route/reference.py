@@ -19,8 +19,9 @@ settle:
   their keys are exact; float32 keys are truncated, so one more step tells whether the K-th place (or an
   order within the K) rests on truncated bits, and such rows are sorted. Rows holding NaN are sorted.
 
-Off the CPU (the reference serves GPU calls past the kernel's limits) every row is sorted: the checks
-above would make the host wait on the device, and a CUDA graph could not capture them.
+Off the CPU (the reference serves GPU calls past the kernel's limits) one ``torch.topk`` of 64-bit keys
+(the order key above the inverted id) is exact on every row: the checks above would make the host wait on
+the device, and a CUDA graph could not capture them.
 """
 
 from __future__ import annotations
@@ -42,12 +43,22 @@ _INT32_MIN = -(1 << 31)
 
 
 def _sorted_ids(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The contract's order by a stable descending sort (NaN first, ``-0.0 == +0.0``): the slow, sure way.
-    16-bit logits are sorted as float32 off the CPU: a CUDA sort of bfloat16 rows holding NaN did not keep
-    that order (H200, PyTorch 2.11)."""
-    if x.device.type != "cpu" and x.dtype != torch.float32:
-        x = x.float()
+    """The contract's order by a stable descending sort (NaN first, ``-0.0 == +0.0``): the slow, sure way
+    on a CPU."""
     return torch.sort(x, dim=-1, descending=True, stable=True).indices[:, :k]
+
+
+def _ids_by_wide_keys(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Exact top-K ids off the CPU: 64-bit keys (the float32 order key above, the inverted id below) are
+    distinct and carry the tie rule, so one ``torch.topk`` settles every row with no check, no host sync
+    and nothing a CUDA graph cannot capture. (A CUDA stable sort was not used: on bfloat16 rows holding
+    NaN it did not rank the NaN first, seen on an H200 with PyTorch 2.11.)"""
+    num_experts = x.shape[-1]
+    values = x.float() + 0.0  # IEEE: -0.0 + 0.0 == +0.0, so the two zeros share a key
+    bits = values.view(torch.int32)
+    keys = torch.where(values.isnan(), 0x7FFFFFFF, bits ^ ((bits >> 31) & 0x7FFFFFFF))
+    inverted_ids = torch.arange(num_experts - 1, -1, -1, device=x.device)
+    return torch.topk((keys.long() << 32) | inverted_ids, k, dim=-1).indices
 
 
 def _resort_rows(x: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
@@ -176,9 +187,11 @@ def select_experts(logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch
     dtype) when they came for free and no row's maximum is ``-inf``, else ``None``. The path is chosen by
     cost (module docstring)."""
     T, E = logits.shape
-    if topk == E or T == 0 or logits.device.type != "cpu":
-        # Off the CPU, the paths below would wait on the device to look at their checks, and could not
-        # be captured in a CUDA graph: a sort is exact as it is, and a GPU sorts fast.
+    if logits.device.type != "cpu":
+        # The paths below would wait on the device to look at their checks, and could not be captured in
+        # a CUDA graph.
+        return _ids_by_wide_keys(logits, topk), None
+    if topk == E or T == 0:
         return _sorted_ids(logits, topk), None
     if E > 4096:
         return _ids_by_topk(logits, topk)
