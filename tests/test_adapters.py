@@ -177,6 +177,37 @@ def test_transformers_router_parity_bfloat16(hf, model, gen, route_calls):
             assert float((w1 - w0)[clear].abs().max()) <= 1e-6
 
 
+def test_transformers_bfloat16_model_differs_only_at_ties(hf, model, gen):
+    """A bfloat16 model run end to end: every router, fed the hidden states the unpatched model gave it,
+    chooses the same experts patched as unpatched wherever its K-th place is not tied; wherever the two
+    choices differ, they are equally good (the same multiset of router probabilities: a tie that
+    torch.topk and g4route break differently)."""
+    _, adapter = hf
+    model.to(torch.bfloat16)
+    seen = []
+    hooks = [router.register_forward_hook(lambda module, args, output: seen.append((module, args[0])))
+             for router in _routers(model)]
+    try:
+        with torch.no_grad():
+            model(torch.randint(0, 256, (4, 256), generator=gen), use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(seen) == len(_routers(model))
+    with torch.no_grad():
+        for router, hidden in seen:
+            p0, _, i0 = router(hidden)
+            with adapter.patch_gemma4(router):
+                _, _, i1 = router(hidden)
+            top = torch.sort(p0, dim=-1, descending=True).values
+            tied = top[:, K - 1] == top[:, K]
+            differ = (i0.sort(-1).values != i1.sort(-1).values).any(-1)
+            assert not bool((differ & ~tied).any()), "expert choices differ where the K-th place is not tied"
+            chosen0 = p0.gather(-1, i0).sort(-1).values
+            chosen1 = p0.gather(-1, i1.long()).sort(-1).values
+            assert torch.equal(chosen0[differ], chosen1[differ]), "differing choices that are not a tie"
+
+
 def test_transformers_model_parity_and_undo(hf, model, gen, route_calls):
     _, adapter = hf
     input_ids = torch.randint(0, 256, (2, 11), generator=gen)
