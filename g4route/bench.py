@@ -107,6 +107,21 @@ def _compiled_reference(mode: str, topk: int, renormalize: bool) -> Callable:
     return lambda x, scale: fn(x, topk, scale, renormalize)
 
 
+def _run_meta(device: torch.device, backend: str, num_experts: int, topk: int) -> dict:
+    """What a results table's header says: date, command, device, backend, versions, shape."""
+    return {
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join(["g4route", *sys.argv[1:]]),
+        "device": _device_name(device),
+        "backend": backend,
+        "torch": torch.__version__,
+        "triton": None if kernel.triton is None else kernel.triton.__version__,
+        "num_experts": num_experts,
+        "topk": topk,
+        "python": platform.python_version(),
+    }
+
+
 def run_bench(
     device: torch.device,
     tokens: list[int],
@@ -119,17 +134,7 @@ def run_bench(
     """Time every (dtype, T) on ``device``; return the rows and the run's metadata."""
     on_gpu = device.type != "cpu"
     backend = registry.select(device, num_experts, topk)
-    meta = {
-        "date": datetime.date.today().isoformat(),
-        "command": " ".join(["g4route", *sys.argv[1:]]),
-        "device": _device_name(device),
-        "backend": backend.name,
-        "torch": torch.__version__,
-        "triton": None if kernel.triton is None else kernel.triton.__version__,
-        "num_experts": num_experts,
-        "topk": topk,
-        "python": platform.python_version(),
-    }
+    meta = _run_meta(device, backend.name, num_experts, topk)
     if on_gpu:
         progress("measuring copy bandwidth")
         meta["copy_bandwidth_GBps"] = timing.copy_bandwidth(device) / 1e9
@@ -333,17 +338,7 @@ def run_backward_bench(
     autograd of the reference, eager and compiled, and against route()'s forward alone, each timed as
     CUDA-graph replays on CUDA (``_backward_timer``), with device events elsewhere."""
     backend = registry.select(device, num_experts, topk)
-    meta = {
-        "date": datetime.date.today().isoformat(),
-        "command": " ".join(["g4route", *sys.argv[1:]]),
-        "device": _device_name(device),
-        "backend": backend.name,
-        "torch": torch.__version__,
-        "triton": None if kernel.triton is None else kernel.triton.__version__,
-        "num_experts": num_experts,
-        "topk": topk,
-        "python": platform.python_version(),
-    }
+    meta = _run_meta(device, backend.name, num_experts, topk)
     torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
     compiled_ref = torch.compile(reference_route, dynamic=True) if compiled else None
     scale = (torch.rand(num_experts, device=device) + 0.5).requires_grad_(True)

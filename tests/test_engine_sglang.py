@@ -63,7 +63,7 @@ def _clean(monkeypatch):
     """Each test starts with no forced backend, no switches set, and SGLang's plugins not yet loaded."""
     for var in (registry.ENV_VAR, "G4ROUTE_SGLANG", "SGLANG_PLUGINS"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(g4route_sglang, "_warned", False)
+    monkeypatch.setattr(g4route_sglang.LOG, "warned", False)
     yield
     if MODULE in sys.modules:
         g4route_sglang.unpatch(sys.modules[MODULE])

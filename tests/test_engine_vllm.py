@@ -54,7 +54,7 @@ def _clean(monkeypatch):
     """Each test starts with no forced backend, no switches set, and vLLM's plugins not yet loaded."""
     for var in (registry.ENV_VAR, "G4ROUTE_VLLM", "VLLM_PLUGINS"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(vllm_plugin, "_warned", False)
+    monkeypatch.setattr(vllm_plugin.LOG, "warned", False)
     yield
     if "vllm.model_executor.models.gemma4" in sys.modules:
         vllm_plugin.unpatch(sys.modules["vllm.model_executor.models.gemma4"])

@@ -4,6 +4,8 @@
   model module it patches and its source path, its off switch, its entry-point group).
 - ``plugin_enabled(env_var)``: the off switch (``G4ROUTE_VLLM=0``, ``G4ROUTE_SGLANG=0``).
 - ``scale_for_inference(scale)``: the layer's per-expert scale as route() takes it.
+- ``PluginLog`` and ``register_plugin``: a plugin's entry point, its patch run inside the engine's import
+  of the model module, and its one warning per process; none of them ever raises into the engine.
 - ``engine_reports()``: for ``g4route info``, each engine found, whether g4route's plugin is registered
   and allowed, and whether it would apply to the installed engine's model code. Cheap: package metadata
   and a parse of one source file; no engine is imported.
@@ -13,13 +15,16 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata as metadata
+import logging
 import os
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["EngineReport", "EngineSpec", "engine_reports", "plugin_enabled", "scale_for_inference"]
+__all__ = ["EngineReport", "EngineSpec", "PluginLog", "engine_reports", "g4route_version", "guarded",
+           "plugin_enabled", "register_plugin", "scale_for_inference"]
 
 ENTRY_POINT_NAME = "g4route"
 _OFF = ("0", "false", "no", "off")
@@ -50,6 +55,57 @@ def scale_for_inference(scale: torch.Tensor | None) -> torch.Tensor | None:
     if scale is not None and scale.requires_grad and torch.is_grad_enabled():
         return scale.detach()
     return scale
+
+
+class PluginLog:
+    """A plugin's messages in the engine's log: what it did, and at most one warning per process about
+    what it could not do (a plugin that cannot apply must say so, once, and change nothing)."""
+
+    def __init__(self, logger: logging.Logger):
+        self.logger = logger
+        self.warned = False
+
+    def warn_once(self, message: str) -> None:
+        if not self.warned:
+            self.warned = True
+            self.logger.warning("g4route: %s", message)
+
+
+def guarded(spec: EngineSpec, patch: Callable[[types.ModuleType], object],
+            log: PluginLog) -> Callable[[types.ModuleType], None]:
+    """``patch`` as it must run inside the engine's import of the model module: an exception there would
+    fail the engine's import, so it becomes the plugin's one warning and the engine's own routing stays."""
+
+    def patch_safely(module: types.ModuleType) -> None:
+        try:
+            patch(module)
+        except Exception as exc:
+            log.warn_once(f"could not patch {module.__name__} ({type(exc).__name__}: {exc}); "
+                          f"{spec.engine}'s own Gemma 4 routing is kept")
+
+    return patch_safely
+
+
+def register_plugin(spec: EngineSpec, patch_safely: Callable[[types.ModuleType], None], log: PluginLog) -> None:
+    """What an engine's entry point runs: unless ``spec.env_var`` turns it off, ``patch_safely`` (see
+    :func:`guarded`) the model module when the engine imports it, or now if it has. Never raises: the
+    engines do not catch plugin errors."""
+    kept = f"{spec.engine}'s own Gemma 4 routing is kept"
+    try:
+        if not plugin_enabled(spec.env_var):
+            log.logger.info("g4route: %s=0, %s", spec.env_var, kept)
+            return
+        from .import_hook import when_imported
+
+        when_imported(spec.module, patch_safely)
+    except Exception as exc:
+        log.warn_once(f"plugin not loaded ({type(exc).__name__}: {exc}); {kept}")
+
+
+def g4route_version() -> str:
+    from .. import __version__
+
+    return f"g4route {__version__}"
 
 
 @dataclass(frozen=True)

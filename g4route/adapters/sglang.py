@@ -35,13 +35,13 @@ from collections.abc import Callable
 import torch
 
 from ..api import route
-from .engines import EngineSpec, plugin_enabled, scale_for_inference
-from .import_hook import when_imported
+from .engines import EngineSpec, PluginLog, g4route_version, guarded, register_plugin, scale_for_inference
 
 __all__ = ["SPEC", "is_patched", "make_sglang_routing_function", "mismatches", "patch", "register", "unpatch"]
 
 # SGLang's modules log through loggers named after them; this one sits beside its plugin loader's.
 logger = logging.getLogger("sglang.srt.plugins.g4route")
+LOG = PluginLog(logger)
 
 SPEC = EngineSpec(
     engine="sglang",
@@ -57,7 +57,6 @@ CLOSURE = ("routing_function", ("hidden_states", "gating_output", "topk", "renor
 SCALE_VARIABLE = "per_expert_scale"  # the closure's free variable holding the layer's scale
 
 _WRAPPED = "_g4route_wrapped"  # set on the wrapping __init__: the __init__ it wraps
-_warned = False
 
 RoutingFunction = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
@@ -155,7 +154,7 @@ def patch(module: types.ModuleType) -> bool:
         return True
     problems = mismatches(module)
     if problems:
-        _warn_once(f"{module.__name__} is not what g4route's plugin was written against "
+        LOG.warn_once(f"{module.__name__} is not what g4route's plugin was written against "
                    f"(SGLang {SPEC.tested_version}): {'; '.join(problems)}. SGLang's own Gemma 4 routing is kept.")
         return False
     cls = getattr(module, MOE_CLASS)
@@ -170,7 +169,7 @@ def patch(module: types.ModuleType) -> bool:
     setattr(__init__, _WRAPPED, original_init)
     cls.__init__ = __init__
     logger.info("g4route: SGLang's Gemma 4 MoE routing goes through g4route.route (%s; every %s built from "
-                "now on; %s=0 turns this off)", _g4route_version(), MOE_CLASS, SPEC.env_var)
+                "now on; %s=0 turns this off)", g4route_version(), MOE_CLASS, SPEC.env_var)
     return True
 
 
@@ -181,12 +180,12 @@ def _reroute(layer: object, closure: types.CodeType) -> None:
         own = config.custom_routing_function
         if getattr(own, "__code__", None) is not closure:
             # Someone else (another plugin) has already replaced it: leave theirs alone.
-            _warn_once(f"a {MOE_CLASS} layer's custom_routing_function is {own!r}, not SGLang's own; left as it is")
+            LOG.warn_once(f"a {MOE_CLASS} layer's custom_routing_function is {own!r}, not SGLang's own; left as it is")
             return
         scale = own.__closure__[closure.co_freevars.index(SCALE_VARIABLE)].cell_contents
         config.custom_routing_function = make_sglang_routing_function(scale)
     except Exception as exc:  # a layer keeps SGLang's routing rather than failing to build
-        _warn_once(f"could not reroute a {MOE_CLASS} layer ({type(exc).__name__}: {exc}); "
+        LOG.warn_once(f"could not reroute a {MOE_CLASS} layer ({type(exc).__name__}: {exc}); "
                    "it keeps SGLang's own routing")
 
 
@@ -198,34 +197,10 @@ def unpatch(module: types.ModuleType) -> None:
         cls.__init__ = original
 
 
-def _patch_safely(module: types.ModuleType) -> None:
-    # Runs inside SGLang's `import` of the model module: an exception here would fail SGLang's import.
-    try:
-        patch(module)
-    except Exception as exc:
-        _warn_once(f"could not patch {module.__name__} ({type(exc).__name__}: {exc}); "
-                   "SGLang's own Gemma 4 routing is kept")
+_patch_safely = guarded(SPEC, patch, LOG)
 
 
 def register() -> None:
     """The ``sglang.srt.plugins`` entry point. Never raises."""
-    try:
-        if not plugin_enabled(SPEC.env_var):
-            logger.info("g4route: %s=0, SGLang's own Gemma 4 routing is kept", SPEC.env_var)
-            return
-        when_imported(SPEC.module, _patch_safely)
-    except Exception as exc:
-        _warn_once(f"plugin not loaded ({type(exc).__name__}: {exc}); SGLang's own Gemma 4 routing is kept")
+    register_plugin(SPEC, _patch_safely, LOG)
 
-
-def _warn_once(message: str) -> None:
-    global _warned
-    if not _warned:
-        _warned = True
-        logger.warning("g4route: %s", message)
-
-
-def _g4route_version() -> str:
-    from .. import __version__
-
-    return f"g4route {__version__}"

@@ -34,13 +34,13 @@ import types
 import torch
 
 from ..api import route
-from .engines import EngineSpec, plugin_enabled, scale_for_inference
-from .import_hook import when_imported
+from .engines import EngineSpec, PluginLog, g4route_version, guarded, register_plugin, scale_for_inference
 
 __all__ = ["SPEC", "is_patched", "mismatches", "patch", "register", "unpatch"]
 
 # Under vLLM's "vllm" logger, so the lines land in vLLM's own log with its format.
 logger = logging.getLogger("vllm.g4route")
+LOG = PluginLog(logger)
 
 SPEC = EngineSpec(
     engine="vllm",
@@ -62,7 +62,6 @@ ROUTER_CLASS = "Gemma4Router"
 ROUTER_METHOD = ("routing_function", ("self", "hidden_states", "gating_output", "topk", "renormalize"))
 
 _ORIGINALS = "_g4route_originals"  # set on the patched module: the functions it replaced
-_warned = False
 
 
 def g4route_gemma4_routing_triton(
@@ -168,14 +167,14 @@ def patch(module: types.ModuleType) -> bool:
         return True
     problems = mismatches(module)
     if problems:
-        _warn_once(f"{module.__name__} is not what g4route's plugin was written against "
+        LOG.warn_once(f"{module.__name__} is not what g4route's plugin was written against "
                    f"(vLLM {SPEC.tested_version}): {'; '.join(problems)}. vLLM's own Gemma 4 routing is kept.")
         return False
     setattr(module, _ORIGINALS, {name: getattr(module, name) for name in _REPLACEMENTS})
     for name, fn in _REPLACEMENTS.items():
         setattr(module, name, fn)
     logger.info("g4route: vLLM's Gemma 4 MoE routing goes through g4route.route (%s replaced %s and %s; "
-                "%s=0 turns this off)", _g4route_version(), TRITON_NAME, TORCH_NAME, SPEC.env_var)
+                "%s=0 turns this off)", g4route_version(), TRITON_NAME, TORCH_NAME, SPEC.env_var)
     return True
 
 
@@ -186,34 +185,10 @@ def unpatch(module: types.ModuleType) -> None:
         setattr(module, name, fn)
 
 
-def _patch_safely(module: types.ModuleType) -> None:
-    # Runs inside vLLM's `import` of the model module: an exception here would fail vLLM's import.
-    try:
-        patch(module)
-    except Exception as exc:
-        _warn_once(f"could not patch {module.__name__} ({type(exc).__name__}: {exc}); "
-                   "vLLM's own Gemma 4 routing is kept")
+_patch_safely = guarded(SPEC, patch, LOG)
 
 
 def register() -> None:
     """The ``vllm.general_plugins`` entry point. Never raises: vLLM does not catch plugin errors."""
-    try:
-        if not plugin_enabled(SPEC.env_var):
-            logger.info("g4route: %s=0, vLLM's own Gemma 4 routing is kept", SPEC.env_var)
-            return
-        when_imported(SPEC.module, _patch_safely)
-    except Exception as exc:
-        _warn_once(f"plugin not loaded ({type(exc).__name__}: {exc}); vLLM's own Gemma 4 routing is kept")
+    register_plugin(SPEC, _patch_safely, LOG)
 
-
-def _warn_once(message: str) -> None:
-    global _warned
-    if not _warned:
-        _warned = True
-        logger.warning("g4route: %s", message)
-
-
-def _g4route_version() -> str:
-    from .. import __version__
-
-    return f"g4route {__version__}"
