@@ -338,3 +338,43 @@ def _split_over_two_gpus(model) -> None:
     model.model.norm.register_forward_pre_hook(to_device(torch.device("cuda:1")), with_kwargs=True)
     model.lm_head.register_forward_pre_hook(to_device(torch.device("cuda:0")), with_kwargs=True)
 
+
+
+# ------------------------------------------------------------------ the guard itself, on any machine
+
+
+class _FakeTensor:
+    """What launcher.enter_device reads of a tensor: its device index and whether it is CUDA-type (NVIDIA
+    and AMD: HIP answers torch.cuda's calls) or XPU."""
+
+    def __init__(self, index: int, kind: str):
+        self.index, self.is_cuda, self.is_xpu = index, kind == "cuda", kind == "xpu"
+
+    def get_device(self) -> int:
+        return self.index
+
+
+@pytest.mark.parametrize("kind", ["cuda", "xpu"])
+def test_enter_device_switches_only_when_needed_and_restores(kind, monkeypatch):
+    """The guard every compiled launch takes (forward and backward), checked without a GPU: it makes the
+    tensor's device current when another one is, says which to restore, and restores it."""
+    from g4route import launcher
+
+    current = [0]
+    if kind == "cuda":
+        monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: current[0], raising=False)  # CPU builds lack it
+        monkeypatch.setattr(torch._C, "_cuda_setDevice", lambda i: current.__setitem__(0, i), raising=False)
+    else:
+        monkeypatch.setattr(torch.xpu, "current_device", lambda: current[0])
+        monkeypatch.setattr(torch.xpu, "set_device", lambda i: current.__setitem__(0, i))
+    on_second = _FakeTensor(1, kind)
+    previous = launcher.enter_device(on_second)
+    assert (previous, current[0]) == (0, 1)
+    launcher.leave_device(on_second, previous)
+    assert current[0] == 0
+    on_first = _FakeTensor(0, kind)
+    assert launcher.enter_device(on_first) == -1 and current[0] == 0  # already current: nothing to undo
+    launcher.leave_device(on_first, -1)
+    assert current[0] == 0
+    cpu = _FakeTensor(-1, "cpu")
+    assert launcher.enter_device(cpu) == -1 and current[0] == 0
