@@ -8,16 +8,19 @@ selection is made exact in one of two ways, each falling back to a stable sort o
 settle:
 
 - ``torch.topk`` of ``K + 1``: where those ``K + 1`` logits strictly decrease, the K chosen and their
-  order are unique, whatever the tie rule. Rows with a tie, a NaN, or ``-0.0`` beside ``+0.0`` are sorted.
-  This is the path for few float32 rows. bfloat16 and float16 rows tie often; for them a table maps each
-  bit pattern to an order key with room for the id, and one ``torch.topk`` of those keys is exact.
-- Packed order keys (many rows on a CPU, where ``torch.topk`` costs about a microsecond a row): each
-  logit becomes an integer key on its bits (larger key == larger logit, ``-0.0 == +0.0``) with the
-  inverted expert id in its low bits, so keys are distinct and one maximum yields the winner and the tie
-  rule at once. Rows are transposed to ``[E, rows]`` so each of the K maxima is one vectorised pass
-  across rows, in chunks that stay in cache. bfloat16 and float16 logits leave enough low bits free and
-  their keys are exact; float32 keys are truncated, so one more step tells whether the K-th place (or an
-  order within the K) rests on truncated bits, and such rows are sorted. Rows holding NaN are sorted.
+  order are unique, whatever the tie rule. This is the path for few float32 rows (and for up to four
+  16-bit rows, where ties within the K are put in id order in Python). Rows with a tie at the K-th place,
+  a NaN, or ``-0.0`` beside ``+0.0`` are sorted. bfloat16 and float16 rows tie often; for more of them a
+  table maps each bit pattern to an order key with room for the id, and one ``torch.topk`` of those keys
+  is exact.
+- Packed order keys (from ``PACKED_MIN_ROWS`` rows on a CPU, where ``torch.topk`` costs up to about a
+  microsecond a row): each logit becomes an int32 key on its bits (complemented: the smallest key is the
+  largest logit; ``-0.0 == +0.0``) with the expert id in its low bits, so keys are distinct and one
+  minimum along the row yields the winner and the tie rule at once; K minima, each one vectorised op over
+  a chunk of rows that stays in cache and that torch splits between its threads. bfloat16 and float16
+  logits leave enough low bits free and their keys are exact; float32 keys are truncated, so one more step
+  tells whether the K-th place (or an order within the K) rests on truncated bits, and such rows are
+  sorted. Rows holding NaN are sorted.
 
 Off the CPU (the reference serves GPU calls past the kernel's limits) every row is sorted: the checks
 above would make the host wait on the device, and a CUDA graph could not capture them.
@@ -26,19 +29,39 @@ above would make the host wait on the device, and a CUDA graph could not capture
 from __future__ import annotations
 
 import functools
-import itertools
 
 import torch
 
-# Up to this many rows, and on every device but the CPU, torch.topk selects (fewer launches); beyond,
-# on a CPU, the packed keys do (a fixed cost of some twenty small ops, then about a third of topk's
-# time a row). Measured on the 2-core development host, bfloat16 and float32, E = 128, K = 8.
-TOPK_MAX_ROWS = 256
-# Rows per chunk of the packed-key path: an [E, rows] float32 chunk of 512 KiB at E = 128 stays in L2.
-_CHUNK_ROWS = 1024
+# From this many rows on a CPU the packed keys select (module docstring): a fixed cost of some thirty
+# small ops, then about a third of ``torch.topk``'s time a row. Below, ``torch.topk`` does (the 2-core
+# development host, E = 128, K = 8, float32 and bfloat16, one thread and two).
+PACKED_MIN_ROWS = 256
+# Up to this many rows the topk path checks and fixes its rows in Python: a few list compares cost less
+# than the tensor ops that would check them.
+_PY_MAX_ROWS = 4
+# Rows per chunk of the packed-key path: a [rows, E] int32 chunk of 1 MiB at E = 128 stays in L2, and is
+# large enough that torch splits each op between its threads.
+_CHUNK_ROWS = 2048
 # Free low bits of a float32 widened from each dtype: the expert id must fit in them for exact keys.
 _FREE_BITS = {torch.bfloat16: 16, torch.float16: 13}
-_INT32_MIN = -(1 << 31)
+_INT32_MAX = (1 << 31) - 1
+# Rows above which the renormalised weights are exp(x - max) / sum by hand: torch.softmax over a short
+# last dim (K = 8) costs about 0.15 us a row, four plain ops a small fraction of that; below, the one op
+# costs less than four.
+_SOFTMAX_MAX_ROWS = 32
+
+
+def _scatter_index_dtype() -> torch.dtype:
+    """int32 where ``scatter_`` takes int32 indices (PyTorch 2.8 and later): the packed-key path then
+    knocks winners out with no conversion a step. int64 before."""
+    try:
+        torch.zeros(1, 2).scatter_(1, torch.ones(1, 1, dtype=torch.int32), 1.0)
+    except RuntimeError:
+        return torch.int64
+    return torch.int32
+
+
+_SCATTER_INDEX = _scatter_index_dtype()
 
 
 def _sorted_ids(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -60,14 +83,41 @@ def _first_k(t: torch.Tensor, k: int) -> torch.Tensor:
     return t.as_strided((t.shape[0], k), (t.shape[1], 1))
 
 
+def _fixed_in_python(vals: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor | None:
+    """Few rows of ``torch.topk`` of ``K + 1`` (``vals``, ``ids``), checked in Python: the ids ``[T, K]``
+    when the selection is settled, else ``None``.
+
+    A row is settled when its K-th logit is strictly above the (K+1)-th: then the K chosen are the
+    contract's. Equal logits within the K (16-bit logits tie often) only need their ids put in ascending
+    order, done here on the lists. NaN compares unequal to everything, so a row holding one is never
+    settled (nor one whose K-th logit is ``-inf``: nothing is strictly below it).
+    """
+    rows = vals.tolist()
+    fixed = None
+    for r, row in enumerate(rows):
+        if all(map(float.__gt__, row, row[1:])):
+            continue
+        if not row[k - 1] > row[k] or row[0] != row[0]:  # topk puts a NaN first
+            return None
+        if fixed is None:
+            fixed = [line[:k] for line in ids.tolist()]
+        # Values descend and -0.0 == +0.0: sorting by (-value, id) only reorders ids within equal runs.
+        fixed[r] = [i for _, i in sorted(zip(map(float.__neg__, row[:k]), fixed[r], strict=True))]
+    if fixed is None:
+        return _first_k(ids, k)
+    return torch.tensor(fixed, dtype=torch.int64)
+
+
 def _ids_by_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(ids, chosen logits or None when some rows were re-sorted) through ``torch.topk`` of ``K + 1``."""
-    vals, ids = torch.topk(x, k + 1, dim=-1)
-    if x.shape[0] <= 4 and x.device.type == "cpu":  # a few Python compares beat tensor ops here
-        settled = all(a > b for row in vals.tolist() for a, b in itertools.pairwise(row))
-    else:  # every step strictly down; a NaN step is not (the maximum of the steps is then NaN)
-        settled = float(torch.diff(vals, dim=-1).amax()) < 0
-    if settled:
+    vals, ids = torch.topk(x, k + 1)
+    if x.shape[0] <= _PY_MAX_ROWS:
+        settled = _fixed_in_python(vals, ids, k)
+        if settled is not None:
+            return settled, _first_k(vals, k)
+        if low_bits_free(x.dtype, x.shape[1]):
+            return _ids_by_key_table(x, k), None
+    elif float(torch.diff(vals).amax()) < 0:  # every step strictly down; a NaN step is not (amax is NaN)
         return _first_k(ids, k), _first_k(vals, k)
     unsettled = ~(vals[:, :k] > vals[:, 1:]).all(-1)
     return _resort_rows(x, _first_k(ids, k), unsettled, k), None
@@ -110,55 +160,70 @@ def _ids_by_key_table(x: torch.Tensor, k: int) -> torch.Tensor:
     _, expert_ids = _id_bits(x.shape[-1])
     keys = _key_table(x.dtype).take(x.view(torch.int16).long())
     keys |= expert_ids
-    return torch.topk(keys, k, dim=-1, largest=False).indices
+    return torch.topk(keys, k, largest=False).indices
 
 
-def _ids_by_packed_keys(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Exact top-K ids of a CPU ``[T, E]`` tile through packed order keys, K vectorised minima a chunk.
+@functools.cache
+def _inverted_ids(num_experts: int) -> torch.Tensor:
+    """``~id`` for every expert (int32 ``[E]``)."""
+    return ~_id_bits(num_experts)[1]
 
-    Keys are complemented (the smallest is the largest logit) with the expert id in their low bits, so a
-    minimum yields the winner with the lower id first among equal logits, and the winner's low bits are
-    its id.
+
+def _ids_by_packed_keys(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-K ids of a CPU ``[T, E]`` tile through packed order keys: int64 ids and, contiguous,
+    int32 ids ``[T, K]``.
+
+    Each logit becomes an int32 key on its bits, complemented (the smallest key is the largest logit),
+    with the expert id in its low bits, so keys are distinct and a row's minimum yields the winner with the
+    lower id first among equal logits; its low bits give the id. K minima a row along the row (no
+    transpose), each knocking its winner out. Every op works on a whole ``[rows, E]`` chunk (three ops a
+    step, whatever the row count), so torch splits it between its threads.
     """
     T, E = x.shape
-    low, expert_ids = _id_bits(E)
-    expert_ids = expert_ids.unsqueeze(1)
+    low, _ = _id_bits(E)
+    inverted_ids = _inverted_ids(E)
     exact = low_bits_free(x.dtype, E)
     steps = k if exact else k + 1
     rows = min(T, _CHUNK_ROWS)
-    keys = torch.empty(E, rows, dtype=torch.float32)  # reused by every chunk: no page faults per op
-    bits = keys.view(torch.int32)
-    sign = torch.empty(E, rows, dtype=torch.int32)
-    winners = torch.empty(steps, T, dtype=torch.int32)
-    unsettled = torch.zeros(T, dtype=torch.bool)
+    # Buffers reused by every chunk: no page faults per op.
+    keys = torch.empty(rows, E, dtype=torch.float32)
+    sign = torch.empty(rows, E, dtype=torch.int32)
+    where = torch.empty(rows, 1, dtype=_SCATTER_INDEX)
+    winners = torch.empty(T, steps, dtype=torch.int32)
+    maxima = torch.empty(T, dtype=torch.float32)
     for start in range(0, T, rows):
         n = min(rows, T - start)
-        kf, kb, sg = keys[:, :n], bits[:, :n], sign[:, :n]
-        kf.copy_(x[start:start + n].t())
-        kf.add_(0.0)  # IEEE: -0.0 + 0.0 == +0.0, so the two zeros share a key
+        kf, sg, wh = (keys, sign, where) if n == rows else (keys[:n], sign[:n], where[:n])
+        kb = kf.view(torch.int32)
+        # IEEE: -0.0 + 0.0 == +0.0, so the two zeros share a key; 16-bit logits widen exactly.
+        torch.add(x[start:start + n], 0.0, out=kf)
         # A NaN anywhere in a row is settled by the sort (every NaN ties, above +inf): the max tells.
-        unsettled[start:start + n] = kf.amax(0).isnan()
-        # ~key, in place (as _complemented_keys): bits ^ ~((bits >> 31) & 0x7FFFFFFF).
+        torch.amax(kf, 1, out=maxima[start:start + n])
+        # bits ^ ((bits >> 31) & 0x7FFFFFFF): sign-magnitude to two's complement, in place ...
         torch.bitwise_right_shift(kb, 31, out=sg)
         sg.bitwise_and_(0x7FFFFFFF)
-        sg.bitwise_not_()
         kb.bitwise_xor_(sg)
-        kb.bitwise_and_(~low)
-        kb.bitwise_or_(expert_ids)
-        for step in range(steps):
-            win = torch.amin(kb, 0, keepdim=True)
-            winners[step, start:start + n] = win
+        # ... then complemented above the low bits, the id in them: (key | low) ^ ~id.
+        kb.bitwise_or_(low)
+        kb.bitwise_xor_(inverted_ids)
+        columns = winners[start:start + n].split(1, dim=1)
+        for step, column in enumerate(columns):
+            torch.amin(kb, 1, keepdim=True, out=column)
             if step + 1 < steps:  # knock the winner out; keys are distinct, so exactly it
-                kb.scatter_(0, (win & low).long(), 0x7FFFFFFF)
-    ids = (winners[:k] & low).t().long()
+                torch.bitwise_and(column, low, out=wh)
+                kb.scatter_(1, wh, _INT32_MAX)
+    ids32 = (winners if exact else winners[:, :k]) & low
+    unsettled = maxima.isnan()
     if not exact:
         # Winners that agree above the truncated bits may be out of order, or (at the K-th place) the
         # wrong ones: such rows are sorted.
-        high = winners & ~low
-        unsettled |= (high[1:] == high[:-1]).any(0)
+        high = winners | low
+        unsettled |= (high[:, 1:] == high[:, :-1]).any(1)
+    ids = ids32.long()
     if bool(unsettled.any()):
         ids = _resort_rows(x, ids, unsettled, k)
-    return ids
+        ids32 = ids.int()
+    return ids, ids32
 
 
 def low_bits_free(dtype: torch.dtype, num_experts: int) -> bool:
@@ -166,27 +231,30 @@ def low_bits_free(dtype: torch.dtype, num_experts: int) -> bool:
     return (num_experts - 1).bit_length() <= _FREE_BITS.get(dtype, 0)
 
 
+def _select(logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`select_experts`, with the int32 ids ``[T, K]`` (contiguous) when the path made them."""
+    T, E = logits.shape
+    if topk == E or T == 0 or logits.device.type != "cpu":
+        # Off the CPU, the paths below would wait on the device to look at their checks, and could not
+        # be captured in a CUDA graph: a sort is exact as it is, and a GPU sorts fast.
+        return _sorted_ids(logits, topk), None, None
+    if E > 4096:
+        return *_ids_by_topk(logits, topk), None
+    if T >= PACKED_MIN_ROWS:
+        ids, ids32 = _ids_by_packed_keys(logits, topk)
+        return ids, None, ids32
+    if T > _PY_MAX_ROWS and low_bits_free(logits.dtype, E):
+        return _ids_by_key_table(logits, topk), None, None  # 16-bit logits tie often: no check needed
+    return *_ids_by_topk(logits, topk), None
+
+
 def select_experts(logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The contract's top-K of a 2-D ``[T, E]`` tensor: int64 ids ``[T, K]`` by descending logit, ties to
     the lower expert id, NaN above ``+inf``, ``-0.0 == +0.0``; with the chosen logits (in the logits'
     dtype) when they came for free and no row's maximum is ``-inf``, else ``None``. The path is chosen by
     cost (module docstring)."""
-    T, E = logits.shape
-    if topk == E or T == 0 or logits.device.type != "cpu":
-        # Off the CPU, the paths below would wait on the device to look at their checks, and could not
-        # be captured in a CUDA graph: a sort is exact as it is, and a GPU sorts fast.
-        return _sorted_ids(logits, topk), None
-    if E > 4096:
-        return _ids_by_topk(logits, topk)
-    if T > TOPK_MAX_ROWS:
-        return _ids_by_packed_keys(logits, topk), None
-    if not low_bits_free(logits.dtype, E):
-        return _ids_by_topk(logits, topk)  # float32: ties are rare, and checked
-    if T <= 2:  # one stable sort is exact and cheapest here
-        order = torch.sort(logits, dim=-1, descending=True, stable=True)
-        masked_row = float("-inf") in order.values.select(1, 0).tolist()
-        return _first_k(order.indices, topk), None if masked_row else _first_k(order.values, topk)
-    return _ids_by_key_table(logits, topk), None
+    ids, chosen, _ = _select(logits, topk)
+    return ids, chosen
 
 
 def reference_route(
@@ -207,24 +275,57 @@ def reference_route(
     - weights are multiplied by ``scale[ids]`` when a scale is given.
     The weights are differentiable with respect to ``logits`` and ``scale`` (gather, softmax, product).
     """
-    ids, chosen = select_experts(logits, topk)
+    w, ids, _ = _route(logits, topk, scale, renormalize, compute_dtype)
+    return w, ids
+
+
+def route_torch(
+    logits: torch.Tensor,
+    topk: int,
+    scale: torch.Tensor | None,
+    renormalize: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``torch`` backend's fresh outputs: :func:`reference_route` in float32, with int32 ids
+    (contiguous, as route() returns them)."""
+    w, ids, ids32 = _route(logits, topk, scale, renormalize, torch.float32)
+    return w, ids.int() if ids32 is None else ids32
+
+
+def _route(
+    logits: torch.Tensor,
+    topk: int,
+    scale: torch.Tensor | None,
+    renormalize: bool,
+    compute_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Weights, int64 ids and (when the selection made them) int32 ids."""
+    ids, chosen, ids32 = _select(logits, topk)
     # Chosen logits come back only where no row's maximum is -inf: then the masked-row fix below (three
     # ops a call) has nothing to do.
     settled = chosen is not None
     if chosen is None:
         chosen = logits.gather(-1, ids)
-    if renormalize:
-        w = torch.softmax(chosen, dim=-1) if chosen.dtype == compute_dtype else \
-            torch.softmax(chosen, dim=-1, dtype=compute_dtype)
+    if renormalize and chosen.shape[0] > _SOFTMAX_MAX_ROWS:
+        # The chosen logits descend (NaN first), so the first is the row's maximum, as softmax would
+        # subtract: same arithmetic, and NaN where softmax gives NaN.
+        c = chosen if chosen.dtype == compute_dtype else chosen.to(compute_dtype)
+        w = torch.exp(c - c[:, :1])
+        total = w.sum(-1, keepdim=True)
+        w = w / total if w.requires_grad else w.div_(total)
+    elif renormalize:
+        w = torch.softmax(chosen, -1) if chosen.dtype == compute_dtype else \
+            torch.softmax(chosen, -1, dtype=compute_dtype)
     else:
-        w = torch.softmax(logits, dim=-1, dtype=compute_dtype).gather(-1, ids)
+        w = torch.softmax(logits, -1, dtype=compute_dtype).gather(-1, ids)
     if not settled and not _no_masked_row(chosen):
         # The first chosen logit is the row's maximum; -inf there means every expert is masked, where
         # softmax gives NaN: weight 0 instead.
         w = torch.where(chosen[:, :1] == float("-inf"), 0.0, w)
     if scale is not None:
-        w = w * (scale if scale.dtype == compute_dtype else scale.to(compute_dtype)).take(ids)
-    return w, ids
+        factor = (scale if scale.dtype == compute_dtype else scale.to(compute_dtype)).take(ids)
+        # In place saves an allocation, but softmax's backward reads its output: not while autograd records.
+        w = w * factor if w.requires_grad else w.mul_(factor)
+    return w, ids, ids32
 
 
 def _no_masked_row(chosen: torch.Tensor) -> bool:
