@@ -29,6 +29,9 @@ above would make the host wait on the device, and a CUDA graph could not capture
 from __future__ import annotations
 
 import functools
+import math
+import operator
+import threading
 
 import torch
 
@@ -36,9 +39,8 @@ import torch
 # small ops, then about a third of ``torch.topk``'s time a row. Below, ``torch.topk`` does (the 2-core
 # development host, E = 128, K = 8, float32 and bfloat16, one thread and two).
 PACKED_MIN_ROWS = 256
-# Up to this many rows the topk path checks and fixes its rows in Python: a few list compares cost less
-# than the tensor ops that would check them.
-_PY_MAX_ROWS = 4
+# Up to this many rows the topk path checks and fixes its rows in Python (_ids_by_topk_few).
+_FEW_ROWS = 4
 # Rows per chunk of the packed-key path: a [rows, E] int32 chunk of 1 MiB at E = 128 stays in L2, and is
 # large enough that torch splits each op between its threads.
 _CHUNK_ROWS = 2048
@@ -83,41 +85,55 @@ def _first_k(t: torch.Tensor, k: int) -> torch.Tensor:
     return t.as_strided((t.shape[0], k), (t.shape[1], 1))
 
 
-def _fixed_in_python(vals: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor | None:
-    """Few rows of ``torch.topk`` of ``K + 1`` (``vals``, ``ids``), checked in Python: the ids ``[T, K]``
-    when the selection is settled, else ``None``.
+def _ids_by_topk_few(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(ids, chosen logits or None) of a few CPU rows through ``torch.topk`` of ``K + 1``, checked and
+    fixed in Python: a few list compares cost less than the tensor ops that would check them.
 
-    A row is settled when its K-th logit is strictly above the (K+1)-th: then the K chosen are the
-    contract's. Equal logits within the K (16-bit logits tie often) only need their ids put in ascending
-    order, done here on the lists. NaN compares unequal to everything, so a row holding one is never
-    settled (nor one whose K-th logit is ``-inf``: nothing is strictly below it).
+    A row whose K + 1 logits strictly decrease is settled as it is. Otherwise (16-bit logits tie often)
+    the row's ids are put right on the lists: equal logits within the K in ascending id order and, where
+    the K-th logit equals the (K+1)-th, the lowest ids holding that logit, found in the row itself.
+    ``-0.0 == +0.0`` in Python as in the contract. Rows holding NaN (``torch.topk`` puts it first) or
+    whose K-th logit is ``-inf`` take the exact paths (the key table, or a sort).
     """
-    rows = vals.tolist()
+    vals, ids = torch.topk(x, k + 1)
     fixed = None
+    rows = vals.tolist()
     for r, row in enumerate(rows):
-        if all(map(float.__gt__, row, row[1:])):
+        if all(map(operator.gt, row, row[1:])):  # operator.gt: half the cost of float.__gt__
             continue
-        if not row[k - 1] > row[k] or row[0] != row[0]:  # topk puts a NaN first
-            return None
+        last = row[k - 1]
+        if row[0] != row[0] or last == -math.inf:
+            if low_bits_free(x.dtype, x.shape[1]):
+                return _ids_by_key_table(x, k), None
+            unsettled = torch.tensor([not all(map(operator.gt, line, line[1:])) for line in rows])
+            return _resort_rows(x, _first_k(ids, k), unsettled, k), None
         if fixed is None:
             fixed = [line[:k] for line in ids.tolist()]
-        # Values descend and -0.0 == +0.0: sorting by (-value, id) only reorders ids within equal runs.
-        fixed[r] = [i for _, i in sorted(zip(map(float.__neg__, row[:k]), fixed[r], strict=True))]
-    if fixed is None:
-        return _first_k(ids, k)
-    return torch.tensor(fixed, dtype=torch.int64)
+        # Values descend: sorting (-value, id) pairs only reorders ids within runs of equal logits.
+        order = sorted(zip(map(operator.neg, row[:k]), fixed[r], strict=True))
+        if last == row[k]:  # the K-th place is tied beyond the K + 1: the lowest ids holding it win
+            above = [i for v, i in order if -v > last]
+            line, start = x[r].tolist(), 0
+            for _ in range(k - len(above)):
+                start = line.index(last, start) + 1
+                above.append(start - 1)
+            fixed[r] = above
+        else:
+            fixed[r] = [i for _, i in order]
+    # The first K columns, as views. In place where autograd allows it: a new view object costs about
+    # as much again, and at one token every half microsecond shows.
+    shape, strides = (len(rows), k), (k + 1, 1)
+    if vals.requires_grad:  # topk's backward reads its outputs as they were
+        vals, ids = vals.as_strided(shape, strides), ids.as_strided(shape, strides)
+    else:
+        vals, ids = vals.as_strided_(shape, strides), ids.as_strided_(shape, strides)
+    return (ids if fixed is None else torch.tensor(fixed)), vals
 
 
 def _ids_by_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(ids, chosen logits or None when some rows were re-sorted) through ``torch.topk`` of ``K + 1``."""
     vals, ids = torch.topk(x, k + 1)
-    if x.shape[0] <= _PY_MAX_ROWS:
-        settled = _fixed_in_python(vals, ids, k)
-        if settled is not None:
-            return settled, _first_k(vals, k)
-        if low_bits_free(x.dtype, x.shape[1]):
-            return _ids_by_key_table(x, k), None
-    elif float(torch.diff(vals).amax()) < 0:  # every step strictly down; a NaN step is not (amax is NaN)
+    if float(torch.diff(vals).amax()) < 0:  # every step strictly down; a NaN step is not (amax is NaN)
         return _first_k(ids, k), _first_k(vals, k)
     unsettled = ~(vals[:, :k] > vals[:, 1:]).all(-1)
     return _resort_rows(x, _first_k(ids, k), unsettled, k), None
@@ -185,10 +201,7 @@ def _ids_by_packed_keys(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     exact = low_bits_free(x.dtype, E)
     steps = k if exact else k + 1
     rows = min(T, _CHUNK_ROWS)
-    # Buffers reused by every chunk: no page faults per op.
-    keys = torch.empty(rows, E, dtype=torch.float32)
-    sign = torch.empty(rows, E, dtype=torch.int32)
-    where = torch.empty(rows, 1, dtype=_SCATTER_INDEX)
+    keys, sign, where = _scratch(rows, E)
     winners = torch.empty(T, steps, dtype=torch.int32)
     maxima = torch.empty(T, dtype=torch.float32)
     for start in range(0, T, rows):
@@ -226,6 +239,27 @@ def _ids_by_packed_keys(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     return ids, ids32
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(rows: int, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This thread's work buffers for a ``[rows, E]`` chunk: float32 keys, int32 signs, scatter indices.
+
+    Kept between calls (one set a thread, grown as needed: 2 MiB at E = 128): fresh buffers of this size
+    come from ``mmap`` and fault their pages in on first touch, which cost about a fifth of a 1,024-row
+    call on the development host.
+    """
+    need = rows * num_experts
+    buffers = getattr(_SCRATCH, "buffers", None)
+    if buffers is None or buffers[0].numel() < need or buffers[2].numel() < rows:
+        size, index_size = max(need, _CHUNK_ROWS * 128), max(rows, _CHUNK_ROWS)
+        buffers = (torch.empty(size, dtype=torch.float32), torch.empty(size, dtype=torch.int32),
+                   torch.empty(index_size, dtype=_SCATTER_INDEX))
+        _SCRATCH.buffers = buffers
+    keys, sign, where = buffers
+    return keys[:need].view(rows, num_experts), sign[:need].view(rows, num_experts), where[:rows].view(rows, 1)
+
+
 def low_bits_free(dtype: torch.dtype, num_experts: int) -> bool:
     """Whether float32 values widened from ``dtype`` have enough zero low bits to hold an expert id."""
     return (num_experts - 1).bit_length() <= _FREE_BITS.get(dtype, 0)
@@ -234,16 +268,19 @@ def low_bits_free(dtype: torch.dtype, num_experts: int) -> bool:
 def _select(logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """:func:`select_experts`, with the int32 ids ``[T, K]`` (contiguous) when the path made them."""
     T, E = logits.shape
-    if topk == E or T == 0 or logits.device.type != "cpu":
+    # Tested first and cheaply (is_cpu, not device.type): one token's whole call is ~10 us.
+    if 0 < T <= _FEW_ROWS and topk < E <= 4096 and logits.is_cpu:
+        return *_ids_by_topk_few(logits, topk), None
+    if topk == E or T == 0 or not logits.is_cpu:
         # Off the CPU, the paths below would wait on the device to look at their checks, and could not
         # be captured in a CUDA graph: a sort is exact as it is, and a GPU sorts fast.
         return _sorted_ids(logits, topk), None, None
     if E > 4096:
         return *_ids_by_topk(logits, topk), None
     if T >= PACKED_MIN_ROWS:
-        ids, ids32 = _ids_by_packed_keys(logits, topk)
+        ids, ids32 = _ids_by_packed_keys(logits.detach(), topk)  # ids only: no graph to record
         return ids, None, ids32
-    if T > _PY_MAX_ROWS and low_bits_free(logits.dtype, E):
+    if low_bits_free(logits.dtype, E):
         return _ids_by_key_table(logits, topk), None, None  # 16-bit logits tie often: no check needed
     return *_ids_by_topk(logits, topk), None
 
@@ -299,13 +336,17 @@ def _route(
     compute_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Weights, int64 ids and (when the selection made them) int32 ids."""
-    ids, chosen, ids32 = _select(logits, topk)
+    T, E = logits.shape
+    if 0 < T <= _FEW_ROWS and topk < E <= 4096 and logits.is_cpu:  # as _select does, one call less
+        (ids, chosen), ids32 = _ids_by_topk_few(logits, topk), None
+    else:
+        ids, chosen, ids32 = _select(logits, topk)
     # Chosen logits come back only where no row's maximum is -inf: then the masked-row fix below (three
     # ops a call) has nothing to do.
     settled = chosen is not None
     if chosen is None:
         chosen = logits.gather(-1, ids)
-    if renormalize and chosen.shape[0] > _SOFTMAX_MAX_ROWS:
+    if renormalize and T > _SOFTMAX_MAX_ROWS:
         # The chosen logits descend (NaN first), so the first is the row's maximum, as softmax would
         # subtract: same arithmetic, and NaN where softmax gives NaN.
         c = chosen if chosen.dtype == compute_dtype else chosen.to(compute_dtype)

@@ -178,6 +178,11 @@ def _read_env() -> str:
     return os.environ.decodevalue(raw)
 
 
+def forced_name() -> str:
+    """The backend ``G4ROUTE_BACKEND`` forces in this process's environment, or ``""``."""
+    return _read_env().strip()
+
+
 # CPython's os.environ keeps its data in ``_data`` under ``encodekey(name)``; elsewhere use .get.
 _ENVIRON_DATA = getattr(os.environ, "_data", None)
 _ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else None
