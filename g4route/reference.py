@@ -28,7 +28,9 @@ above would make the host wait on the device, and a CUDA graph could not capture
 
 from __future__ import annotations
 
+import array
 import functools
+import itertools
 import math
 import operator
 import threading
@@ -48,9 +50,10 @@ _CHUNK_ROWS = 2048
 _FREE_BITS = {torch.bfloat16: 16, torch.float16: 13}
 _INT32_MAX = (1 << 31) - 1
 # Rows above which the renormalised weights are exp(x - max) / sum by hand: torch.softmax over a short
-# last dim (K = 8) costs about 0.15 us a row, four plain ops a small fraction of that; below, the one op
+# last dim (K = 8) costs about 0.15 us a row, and copies a strided input first (the chosen logits are a
+# view of topk's K + 1 columns); four plain ops cost a small fraction of that a row. Below, the one op
 # costs less than four.
-_SOFTMAX_MAX_ROWS = 32
+_SOFTMAX_MAX_ROWS = 8
 
 
 def _scatter_index_dtype() -> torch.dtype:
@@ -127,13 +130,20 @@ def _ids_by_topk_few(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
         vals, ids = vals.as_strided(shape, strides), ids.as_strided(shape, strides)
     else:
         vals, ids = vals.as_strided_(shape, strides), ids.as_strided_(shape, strides)
-    return (ids if fixed is None else torch.tensor(fixed)), vals
+    if fixed is not None:  # through a buffer: torch.tensor(list) costs 3 us, four times this
+        ids = torch.frombuffer(array.array("q", itertools.chain.from_iterable(fixed)), dtype=torch.int64)
+        ids = ids.as_strided_(shape, (k, 1))
+    return ids, vals
 
 
 def _ids_by_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(ids, chosen logits or None when some rows were re-sorted) through ``torch.topk`` of ``K + 1``."""
     vals, ids = torch.topk(x, k + 1)
-    if float(torch.diff(vals).amax()) < 0:  # every step strictly down; a NaN step is not (amax is NaN)
+    # Every step strictly down; a NaN step is not (the maximum is then NaN). As two views and a sub:
+    # torch.diff slices through narrow, three times the cost at 16 rows.
+    rows = x.shape[0]
+    steps = vals.as_strided((rows, k), (k + 1, 1), 1) - vals.as_strided((rows, k), (k + 1, 1))
+    if float(steps.amax()) < 0:
         return _first_k(ids, k), _first_k(vals, k)
     unsettled = ~(vals[:, :k] > vals[:, 1:]).all(-1)
     return _resort_rows(x, _first_k(ids, k), unsettled, k), None
