@@ -195,9 +195,9 @@ def _inverted_ids(num_experts: int) -> torch.Tensor:
     return ~_id_bits(num_experts)[1]
 
 
-def _ids_by_packed_keys(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _ids_by_packed_keys(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Exact top-K ids of a CPU ``[T, E]`` tile through packed order keys: int64 ids and, contiguous,
-    int32 ids ``[T, K]``.
+    int32 ids ``[T, K]``; and whether some row's maximum is ``-inf``.
 
     Each logit becomes an int32 key on its bits, complemented (the smallest key is the largest logit),
     with the expert id in its low bits, so keys are distinct and a row's minimum yields the winner with the
@@ -246,7 +246,7 @@ def _ids_by_packed_keys(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     if bool(unsettled.any()):
         ids = _resort_rows(x, ids, unsettled, k)
         ids32 = ids.int()
-    return ids, ids32
+    return ids, ids32, bool((maxima == -math.inf).any())
 
 
 _SCRATCH = threading.local()
@@ -288,8 +288,10 @@ def _select(logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor
     if E > 4096:
         return *_ids_by_topk(logits, topk), None
     if T >= PACKED_MIN_ROWS:
-        ids, ids32 = _ids_by_packed_keys(logits.detach(), topk)  # ids only: no graph to record
-        return ids, None, ids32
+        ids, ids32, masked = _ids_by_packed_keys(logits.detach(), topk)  # ids only: no graph to record
+        # With no row's maximum -inf, the chosen logits spare the caller its masked-row fix (three ops
+        # over [T, K], more than this check over [T]).
+        return ids, None if masked else logits.gather(1, ids), ids32
     if low_bits_free(logits.dtype, E):
         return _ids_by_key_table(logits, topk), None, None  # 16-bit logits tie often: no check needed
     return *_ids_by_topk(logits, topk), None
