@@ -37,10 +37,11 @@ import threading
 
 import torch
 
-# From this many rows on a CPU the packed keys select (module docstring): a fixed cost of some thirty
-# small ops, then about a third of ``torch.topk``'s time a row. Below, ``torch.topk`` does (the 2-core
-# development host, E = 128, K = 8, float32 and bfloat16, one thread and two).
-PACKED_MIN_ROWS = 256
+# From this many rows on a CPU the packed keys select (module docstring): a fixed cost of some fifty
+# small ops (~100 us), then a fraction of ``torch.topk``'s time a row. Below, ``torch.topk`` does. Measured
+# on the 2-core development host, E = 128, K = 8, float32 and bfloat16, one thread and two: packed keys
+# 0.85-0.93x of stock at 128 rows, 1.03-1.16x at 160, 1.21-1.35x at 192 (topk 0.84-0.96x at all three).
+PACKED_MIN_ROWS = 160
 # Up to this many rows the topk path checks and fixes its rows in Python (_ids_by_topk_few).
 _FEW_ROWS = 4
 # Rows per chunk of the packed-key path: a [rows, E] int32 chunk of 1 MiB at E = 128 stays in L2, and is
@@ -49,6 +50,7 @@ _CHUNK_ROWS = 2048
 # Free low bits of a float32 widened from each dtype: the expert id must fit in them for exact keys.
 _FREE_BITS = {torch.bfloat16: 16, torch.float16: 13}
 _INT32_MAX = (1 << 31) - 1
+_INT32_MAX_T = torch.tensor(_INT32_MAX, dtype=torch.int32)
 # Rows above which the renormalised weights are exp(x - max) / sum by hand: torch.softmax over a short
 # last dim (K = 8) costs about 0.15 us a row, and copies a strided input first (the chosen logits are a
 # view of topk's K + 1 columns); four plain ops cost a small fraction of that a row. Below, the one op
@@ -207,6 +209,7 @@ def _ids_by_packed_keys(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     """
     T, E = x.shape
     low, _ = _id_bits(E)
+    low_t = torch.tensor(low, dtype=torch.int32)
     inverted_ids = _inverted_ids(E)
     exact = low_bits_free(x.dtype, E)
     steps = k if exact else k + 1
@@ -230,11 +233,13 @@ def _ids_by_packed_keys(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
         kb.bitwise_or_(low)
         kb.bitwise_xor_(inverted_ids)
         columns = winners[start:start + n].split(1, dim=1)
+        # Tensor operands, not Python ints: a scalar costs a conversion op a call, a third of a step.
+        knocked_out = _INT32_MAX_T.expand(n, 1)
         for step, column in enumerate(columns):
             torch.amin(kb, 1, keepdim=True, out=column)
             if step + 1 < steps:  # knock the winner out; keys are distinct, so exactly it
-                torch.bitwise_and(column, low, out=wh)
-                kb.scatter_(1, wh, _INT32_MAX)
+                torch.bitwise_and(column, low_t, out=wh)
+                kb.scatter_(1, wh, knocked_out)
     ids32 = (winners if exact else winners[:, :k]) & low
     unsettled = maxima.isnan()
     if not exact:
@@ -362,7 +367,7 @@ def _route(
         # The chosen logits descend (NaN first), so the first is the row's maximum, as softmax would
         # subtract: same arithmetic, and NaN where softmax gives NaN.
         c = chosen if chosen.dtype == compute_dtype else chosen.to(compute_dtype)
-        w = torch.exp(c - c[:, :1])
+        w = torch.exp(c - c.as_strided((T, 1), (c.stride(0), 1)))  # c[:, :1], at a third of its cost
         total = w.sum(-1, keepdim=True)
         w = w / total if w.requires_grad else w.div_(total)
     elif renormalize:
@@ -382,10 +387,15 @@ def _route(
 
 
 def _no_masked_row(chosen: torch.Tensor) -> bool:
-    """Whether no row's first chosen logit (its maximum) is ``-inf``, when a few Python compares can tell
-    (few rows on a CPU); ``False`` when unknown."""
-    return chosen.shape[0] <= 16 and chosen.device.type == "cpu" and \
-        float("-inf") not in chosen.select(1, 0).tolist()
+    """Whether no row's first chosen logit (its maximum) is ``-inf``, where looking costs less than the
+    fix (on a CPU: a few Python compares for few rows, one compare and ``any`` over ``[T]`` beyond);
+    ``False`` when unknown (off the CPU: no host sync)."""
+    if not chosen.is_cpu:
+        return False
+    first = chosen.select(1, 0)
+    if chosen.shape[0] <= 16:
+        return -math.inf not in first.tolist()
+    return not bool((first == -math.inf).any())
 
 
 def route_reference(
