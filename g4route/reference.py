@@ -192,9 +192,10 @@ def _ids_by_key_table(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @functools.cache
-def _inverted_ids(num_experts: int) -> torch.Tensor:
-    """``~id`` for every expert (int32 ``[E]``)."""
-    return ~_id_bits(num_experts)[1]
+def _id_operands(num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The id bits' mask as an int32 tensor, and ``~id`` for every expert (int32 ``[E]``)."""
+    low, expert_ids = _id_bits(num_experts)
+    return torch.tensor(low, dtype=torch.int32), ~expert_ids
 
 
 def _ids_by_packed_keys(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -209,8 +210,7 @@ def _ids_by_packed_keys(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     """
     T, E = x.shape
     low, _ = _id_bits(E)
-    low_t = torch.tensor(low, dtype=torch.int32)
-    inverted_ids = _inverted_ids(E)
+    low_t, inverted_ids = _id_operands(E)
     exact = low_bits_free(x.dtype, E)
     steps = k if exact else k + 1
     rows = min(T, _CHUNK_ROWS)
