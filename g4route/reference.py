@@ -94,12 +94,11 @@ def _ids_by_topk_few(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     """(ids, chosen logits or None) of a few CPU rows through ``torch.topk`` of ``K + 1``, checked and
     fixed in Python: a few list compares cost less than the tensor ops that would check them.
 
-    A row whose K + 1 logits strictly decrease is settled as it is. Otherwise a 16-bit tile (a quarter
-    of bfloat16 rows tie within their top 9) takes the key table, and a float32 row's ids are put right
-    on the lists: equal logits within the K in ascending id order and, where the K-th logit equals the
-    (K+1)-th, the lowest ids holding that logit, found in the row itself (``-0.0 == +0.0`` in Python as
-    in the contract). Rows holding NaN (``torch.topk`` puts it first) or whose K-th logit is ``-inf``
-    are sorted.
+    A row whose K + 1 logits strictly decrease is settled as it is. Otherwise (16-bit logits tie often)
+    the row's ids are put right on the lists: equal logits within the K in ascending id order and, where
+    the K-th logit equals the (K+1)-th, the lowest ids holding that logit, found in the row itself.
+    ``-0.0 == +0.0`` in Python as in the contract. Rows holding NaN (``torch.topk`` puts it first) or
+    whose K-th logit is ``-inf`` take the exact paths (the key table, or a sort).
     """
     vals, ids = torch.topk(x, k + 1)
     fixed = None
@@ -107,11 +106,10 @@ def _ids_by_topk_few(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     for r, row in enumerate(rows):
         if all(map(operator.gt, row, row[1:])):  # operator.gt: half the cost of float.__gt__
             continue
-        if low_bits_free(x.dtype, x.shape[1]):
-            # 16-bit logits: the key table is exact with no check, and costs less than the fixes below.
-            return _ids_by_key_table(x, k), None
         last = row[k - 1]
         if row[0] != row[0] or last == -math.inf:
+            if low_bits_free(x.dtype, x.shape[1]):
+                return _ids_by_key_table(x, k), None
             unsettled = torch.tensor([not all(map(operator.gt, line, line[1:])) for line in rows])
             return _resort_rows(x, _first_k(ids, k), unsettled, k), None
         if fixed is None:
