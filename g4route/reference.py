@@ -59,8 +59,9 @@ _SOFTMAX_MAX_ROWS = 8
 
 
 def _scatter_index_dtype() -> torch.dtype:
-    """int32 where ``scatter_`` takes int32 indices (PyTorch 2.8 and later): the packed-key path then
-    knocks winners out with no conversion a step. int64 before."""
+    """int32 where ``scatter_`` takes int32 indices (PyTorch 2.8 and later), int64 before: the winners'
+    ids are then masked out of their int32 keys without a cast (``scatter_`` on a CPU still widens the
+    index itself, so a step keeps one conversion either way)."""
     try:
         torch.zeros(1, 2).scatter_(1, torch.ones(1, 1, dtype=torch.int32), 1.0)
     except RuntimeError:
