@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from . import op
+from . import op, registry
+from .reference import route_torch
 
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -147,11 +148,26 @@ def route(
     break: the call becomes one ``g4route::route`` (or, with ``out``, ``g4route::route_out``) operator
     node, and the backend is still chosen, ``G4ROUTE_BACKEND`` included, each time the graph runs.
     """
+    scale = per_expert_scale
+    # One CPU token costs about 10 us in Transformers' routing code, and the full checks below with the
+    # dispatch through op.py and the registry would add half of that again: an eager call on 2-D CPU
+    # logits that passes the same checks, with no backend forced, goes straight to the torch backend.
+    # Any other call (every bad one included) takes the full path. Dynamo is asked first (see _traced).
+    if (not _is_compiling() and out is None and type(gating_output) is torch.Tensor and gating_output.is_cpu
+            and gating_output.dtype in _LOGIT_DTYPES and gating_output.dim() == 2
+            and type(topk) is int and 1 <= topk <= gating_output.shape[1]
+            and (scale is None or (type(scale) is torch.Tensor and scale.is_cpu and scale.is_floating_point()
+                                   and scale.dim() == 1 and scale.shape[0] == gating_output.shape[1]))
+            and type(renormalize) is bool
+            and not ((gating_output.requires_grad or (scale is not None and scale.requires_grad))
+                     and torch.is_grad_enabled())
+            and not _dispatch_modes() and not registry.forced_name()):
+        return route_torch(gating_output, topk, scale, renormalize)
     logits = _check_logits(gating_output)
     num_experts = logits.shape[-1]
     topk = _check_topk(topk, num_experts)
     device = logits.device
-    scale = _check_scale(per_expert_scale, logits, device)
+    scale = _check_scale(scale, logits, device)
     if not isinstance(renormalize, bool):
         raise TypeError(f"renormalize must be a bool, got {type(renormalize).__name__}")
     # Autograd only where it is asked for: the no-grad path below stays as lean as it was.

@@ -1,23 +1,27 @@
 """The routing contract in PyTorch: the ``torch`` backend, on any device.
 
-It computes exactly what every backend computes (DESIGN.md section 2), and on a CPU it has to be at
-least as fast as the few lines it replaces (softmax -> ``torch.topk`` -> divide by the sum -> times the
-scale, as Transformers writes Gemma 4's router), since ``patch_gemma4`` puts it there. ``torch.topk``
+It computes exactly what every backend computes (DESIGN.md section 2), and on a CPU it races the few lines
+it replaces (softmax -> ``torch.topk`` -> divide by the sum -> times the scale, as Transformers writes
+Gemma 4's router), since ``patch_gemma4`` puts it there: faster from a few hundred rows, still slower
+below (BENCHMARKS.md, "CPU"). ``torch.topk``
 promises no order among equal logits and ours is fixed (descending logit, then lower expert id), so the
 selection is made exact in one of two ways, each falling back to a stable sort only on rows it cannot
 settle:
 
 - ``torch.topk`` of ``K + 1``: where those ``K + 1`` logits strictly decrease, the K chosen and their
-  order are unique, whatever the tie rule. Rows with a tie, a NaN, or ``-0.0`` beside ``+0.0`` are sorted.
-  This is the path for few float32 rows. bfloat16 and float16 rows tie often; for them a table maps each
-  bit pattern to an order key with room for the id, and one ``torch.topk`` of those keys is exact.
-- Packed order keys (many rows on a CPU, where ``torch.topk`` costs about a microsecond a row): each
-  logit becomes an integer key on its bits (larger key == larger logit, ``-0.0 == +0.0``) with the
-  inverted expert id in its low bits, so keys are distinct and one maximum yields the winner and the tie
-  rule at once. Rows are transposed to ``[E, rows]`` so each of the K maxima is one vectorised pass
-  across rows, in chunks that stay in cache. bfloat16 and float16 logits leave enough low bits free and
-  their keys are exact; float32 keys are truncated, so one more step tells whether the K-th place (or an
-  order within the K) rests on truncated bits, and such rows are sorted. Rows holding NaN are sorted.
+  order are unique, whatever the tie rule. This is the path for few float32 rows (and for up to four
+  16-bit rows, where ties within the K are put in id order in Python). Rows with a tie at the K-th place,
+  a NaN, or ``-0.0`` beside ``+0.0`` are sorted. bfloat16 and float16 rows tie often; for more of them a
+  table maps each bit pattern to an order key with room for the id, and one ``torch.topk`` of those keys
+  is exact.
+- Packed order keys (from ``PACKED_MIN_ROWS`` rows on a CPU, where ``torch.topk`` costs up to about a
+  microsecond a row): each logit becomes an int32 key on its bits (complemented: the smallest key is the
+  largest logit; ``-0.0 == +0.0``) with the expert id in its low bits, so keys are distinct and one
+  minimum along the row yields the winner and the tie rule at once; K minima, each one vectorised op over
+  a chunk of rows that stays in cache and that torch splits between its threads. bfloat16 and float16
+  logits leave enough low bits free and their keys are exact; float32 keys are truncated, so one more step
+  tells whether the K-th place (or an order within the K) rests on truncated bits, and such rows are
+  sorted. Rows holding NaN are sorted.
 
 Off the CPU (the reference serves GPU calls past the kernel's limits) one ``torch.topk`` of 64-bit keys
 (the order key above the inverted id) is exact on every row: the checks above would make the host wait on
@@ -26,20 +30,48 @@ the device, and a CUDA graph could not capture them.
 
 from __future__ import annotations
 
+import array
 import functools
 import itertools
+import math
+import operator
+import threading
 
 import torch
 
-# Up to this many rows, and on every device but the CPU, torch.topk selects (fewer launches); beyond,
-# on a CPU, the packed keys do (a fixed cost of some twenty small ops, then about a third of topk's
-# time a row). Measured on the 2-core development host, bfloat16 and float32, E = 128, K = 8.
-TOPK_MAX_ROWS = 256
-# Rows per chunk of the packed-key path: an [E, rows] float32 chunk of 512 KiB at E = 128 stays in L2.
-_CHUNK_ROWS = 1024
+# From this many rows on a CPU the packed keys select (module docstring): a fixed cost of some fifty
+# small ops (~100 us), then a fraction of ``torch.topk``'s time a row. Below, ``torch.topk`` does. Measured
+# on the 2-core development host, E = 128, K = 8, float32 and bfloat16, one thread and two: packed keys
+# 0.85-0.93x of stock at 128 rows, 1.03-1.16x at 160, 1.21-1.35x at 192 (topk 0.84-0.96x at all three).
+PACKED_MIN_ROWS = 160
+# Up to this many rows the topk path checks and fixes its rows in Python (_ids_by_topk_few).
+_FEW_ROWS = 4
+# Rows per chunk of the packed-key path: a [rows, E] int32 chunk of 1 MiB at E = 128 stays in L2, and is
+# large enough that torch splits each op between its threads.
+_CHUNK_ROWS = 2048
 # Free low bits of a float32 widened from each dtype: the expert id must fit in them for exact keys.
 _FREE_BITS = {torch.bfloat16: 16, torch.float16: 13}
-_INT32_MIN = -(1 << 31)
+_INT32_MAX = (1 << 31) - 1
+_INT32_MAX_T = torch.tensor(_INT32_MAX, dtype=torch.int32)
+# Rows above which the renormalised weights are exp(x - max) / sum by hand: torch.softmax over a short
+# last dim (K = 8) costs about 0.15 us a row, and copies a strided input first (the chosen logits are a
+# view of topk's K + 1 columns); four plain ops cost a small fraction of that a row. Below, the one op
+# costs less than four.
+_SOFTMAX_MAX_ROWS = 8
+
+
+def _scatter_index_dtype() -> torch.dtype:
+    """int32 where ``scatter_`` takes int32 indices (PyTorch 2.8 and later), int64 before: the winners'
+    ids are then masked out of their int32 keys without a cast (``scatter_`` on a CPU still widens the
+    index itself, so a step keeps one conversion either way)."""
+    try:
+        torch.zeros(1, 2).scatter_(1, torch.ones(1, 1, dtype=torch.int32), 1.0)
+    except RuntimeError:
+        return torch.int64
+    return torch.int32
+
+
+_SCATTER_INDEX = _scatter_index_dtype()
 
 
 def _sorted_ids(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -75,14 +107,62 @@ def _first_k(t: torch.Tensor, k: int) -> torch.Tensor:
     return t.as_strided((t.shape[0], k), (t.shape[1], 1))
 
 
+def _ids_by_topk_few(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(ids, chosen logits or None) of a few CPU rows through ``torch.topk`` of ``K + 1``, checked and
+    fixed in Python: a few list compares cost less than the tensor ops that would check them.
+
+    A row whose K + 1 logits strictly decrease is settled as it is. Otherwise (16-bit logits tie often)
+    the row's ids are put right on the lists: equal logits within the K in ascending id order and, where
+    the K-th logit equals the (K+1)-th, the lowest ids holding that logit, found in the row itself.
+    ``-0.0 == +0.0`` in Python as in the contract. Rows holding NaN (``torch.topk`` puts it first) or
+    whose K-th logit is ``-inf`` take the exact paths (the key table, or a sort).
+    """
+    vals, ids = torch.topk(x, k + 1)
+    fixed = None
+    rows = vals.tolist()
+    for r, row in enumerate(rows):
+        if all(map(operator.gt, row, row[1:])):  # operator.gt: half the cost of float.__gt__
+            continue
+        last = row[k - 1]
+        if row[0] != row[0] or last == -math.inf:
+            if low_bits_free(x.dtype, x.shape[1]):
+                return _ids_by_key_table(x, k), None
+            unsettled = torch.tensor([not all(map(operator.gt, line, line[1:])) for line in rows])
+            return _resort_rows(x, _first_k(ids, k), unsettled, k), None
+        if fixed is None:
+            fixed = [line[:k] for line in ids.tolist()]
+        # Values descend: sorting (-value, id) pairs only reorders ids within runs of equal logits.
+        order = sorted(zip(map(operator.neg, row[:k]), fixed[r], strict=True))
+        if last == row[k]:  # the K-th place is tied beyond the K + 1: the lowest ids holding it win
+            above = [i for v, i in order if -v > last]
+            line, start = x[r].tolist(), 0
+            for _ in range(k - len(above)):
+                start = line.index(last, start) + 1
+                above.append(start - 1)
+            fixed[r] = above
+        else:
+            fixed[r] = [i for _, i in order]
+    # The first K columns, as views. In place where autograd allows it: a new view object costs about
+    # as much again, and at one token every half microsecond shows.
+    shape, strides = (len(rows), k), (k + 1, 1)
+    if vals.requires_grad:  # topk's backward reads its outputs as they were
+        vals, ids = vals.as_strided(shape, strides), ids.as_strided(shape, strides)
+    else:
+        vals, ids = vals.as_strided_(shape, strides), ids.as_strided_(shape, strides)
+    if fixed is not None:  # through a buffer: torch.tensor(list) costs 3 us, four times this
+        ids = torch.frombuffer(array.array("q", itertools.chain.from_iterable(fixed)), dtype=torch.int64)
+        ids = ids.as_strided_(shape, (k, 1))
+    return ids, vals
+
+
 def _ids_by_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(ids, chosen logits or None when some rows were re-sorted) through ``torch.topk`` of ``K + 1``."""
-    vals, ids = torch.topk(x, k + 1, dim=-1)
-    if x.shape[0] <= 4 and x.device.type == "cpu":  # a few Python compares beat tensor ops here
-        settled = all(a > b for row in vals.tolist() for a, b in itertools.pairwise(row))
-    else:  # every step strictly down; a NaN step is not (the maximum of the steps is then NaN)
-        settled = float(torch.diff(vals, dim=-1).amax()) < 0
-    if settled:
+    vals, ids = torch.topk(x, k + 1)
+    # Every step strictly down; a NaN step is not (the maximum is then NaN). As two views and a sub:
+    # torch.diff slices through narrow, three times the cost at 16 rows.
+    rows = x.shape[0]
+    steps = vals.as_strided((rows, k), (k + 1, 1), 1) - vals.as_strided((rows, k), (k + 1, 1))
+    if float(steps.amax()) < 0:
         return _first_k(ids, k), _first_k(vals, k)
     unsettled = ~(vals[:, :k] > vals[:, 1:]).all(-1)
     return _resort_rows(x, _first_k(ids, k), unsettled, k), None
@@ -125,55 +205,91 @@ def _ids_by_key_table(x: torch.Tensor, k: int) -> torch.Tensor:
     _, expert_ids = _id_bits(x.shape[-1])
     keys = _key_table(x.dtype).take(x.view(torch.int16).long())
     keys |= expert_ids
-    return torch.topk(keys, k, dim=-1, largest=False).indices
+    return torch.topk(keys, k, largest=False).indices
 
 
-def _ids_by_packed_keys(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Exact top-K ids of a CPU ``[T, E]`` tile through packed order keys, K vectorised minima a chunk.
+@functools.cache
+def _id_operands(num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The id bits' mask as an int32 tensor, and ``~id`` for every expert (int32 ``[E]``)."""
+    low, expert_ids = _id_bits(num_experts)
+    return torch.tensor(low, dtype=torch.int32), ~expert_ids
 
-    Keys are complemented (the smallest is the largest logit) with the expert id in their low bits, so a
-    minimum yields the winner with the lower id first among equal logits, and the winner's low bits are
-    its id.
+
+def _ids_by_packed_keys(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Exact top-K ids of a CPU ``[T, E]`` tile through packed order keys: int64 ids and, contiguous,
+    int32 ids ``[T, K]``; and whether some row's maximum is ``-inf``.
+
+    Each logit becomes an int32 key on its bits, complemented (the smallest key is the largest logit),
+    with the expert id in its low bits, so keys are distinct and a row's minimum yields the winner with the
+    lower id first among equal logits; its low bits give the id. K minima a row along the row (no
+    transpose), each knocking its winner out. Every op works on a whole ``[rows, E]`` chunk (three ops a
+    step, whatever the row count), so torch splits it between its threads.
     """
     T, E = x.shape
-    low, expert_ids = _id_bits(E)
-    expert_ids = expert_ids.unsqueeze(1)
+    low, _ = _id_bits(E)
+    low_t, inverted_ids = _id_operands(E)
     exact = low_bits_free(x.dtype, E)
     steps = k if exact else k + 1
     rows = min(T, _CHUNK_ROWS)
-    keys = torch.empty(E, rows, dtype=torch.float32)  # reused by every chunk: no page faults per op
-    bits = keys.view(torch.int32)
-    sign = torch.empty(E, rows, dtype=torch.int32)
-    winners = torch.empty(steps, T, dtype=torch.int32)
-    unsettled = torch.zeros(T, dtype=torch.bool)
+    keys, sign, where = _scratch(rows, E)
+    winners = torch.empty(T, steps, dtype=torch.int32)
+    maxima = torch.empty(T, dtype=torch.float32)
     for start in range(0, T, rows):
         n = min(rows, T - start)
-        kf, kb, sg = keys[:, :n], bits[:, :n], sign[:, :n]
-        kf.copy_(x[start:start + n].t())
-        kf.add_(0.0)  # IEEE: -0.0 + 0.0 == +0.0, so the two zeros share a key
+        kf, sg, wh = (keys, sign, where) if n == rows else (keys[:n], sign[:n], where[:n])
+        kb = kf.view(torch.int32)
+        # IEEE: -0.0 + 0.0 == +0.0, so the two zeros share a key; 16-bit logits widen exactly.
+        torch.add(x[start:start + n], 0.0, out=kf)
         # A NaN anywhere in a row is settled by the sort (every NaN ties, above +inf): the max tells.
-        unsettled[start:start + n] = kf.amax(0).isnan()
-        # ~key, in place (as _complemented_keys): bits ^ ~((bits >> 31) & 0x7FFFFFFF).
+        torch.amax(kf, 1, out=maxima[start:start + n])
+        # bits ^ ((bits >> 31) & 0x7FFFFFFF): sign-magnitude to two's complement, in place ...
         torch.bitwise_right_shift(kb, 31, out=sg)
         sg.bitwise_and_(0x7FFFFFFF)
-        sg.bitwise_not_()
         kb.bitwise_xor_(sg)
-        kb.bitwise_and_(~low)
-        kb.bitwise_or_(expert_ids)
-        for step in range(steps):
-            win = torch.amin(kb, 0, keepdim=True)
-            winners[step, start:start + n] = win
+        # ... then complemented above the low bits, the id in them: (key | low) ^ ~id.
+        kb.bitwise_or_(low)
+        kb.bitwise_xor_(inverted_ids)
+        columns = winners[start:start + n].split(1, dim=1)
+        # Tensor operands, not Python ints: a scalar costs a conversion op a call, a third of a step.
+        knocked_out = _INT32_MAX_T.expand(n, 1)
+        for step, column in enumerate(columns):
+            torch.amin(kb, 1, keepdim=True, out=column)
             if step + 1 < steps:  # knock the winner out; keys are distinct, so exactly it
-                kb.scatter_(0, (win & low).long(), 0x7FFFFFFF)
-    ids = (winners[:k] & low).t().long()
+                torch.bitwise_and(column, low_t, out=wh)
+                kb.scatter_(1, wh, knocked_out)
+    ids32 = (winners if exact else winners[:, :k]) & low
+    unsettled = maxima.isnan()
     if not exact:
         # Winners that agree above the truncated bits may be out of order, or (at the K-th place) the
         # wrong ones: such rows are sorted.
-        high = winners & ~low
-        unsettled |= (high[1:] == high[:-1]).any(0)
+        high = winners | low
+        unsettled |= (high[:, 1:] == high[:, :-1]).any(1)
+    ids = ids32.long()
     if bool(unsettled.any()):
         ids = _resort_rows(x, ids, unsettled, k)
-    return ids
+        ids32 = ids.int()
+    return ids, ids32, bool((maxima == -math.inf).any())
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(rows: int, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This thread's work buffers for a ``[rows, E]`` chunk: float32 keys, int32 signs, scatter indices.
+
+    Kept between calls (one set a thread, grown as needed: 2 MiB at E = 128): fresh buffers of this size
+    come from ``mmap`` and fault their pages in on first touch, which cost about a fifth of a 1,024-row
+    call on the development host.
+    """
+    need = rows * num_experts
+    buffers = getattr(_SCRATCH, "buffers", None)
+    if buffers is None or buffers[0].numel() < need or buffers[2].numel() < rows:
+        size, index_size = max(need, _CHUNK_ROWS * 128), max(rows, _CHUNK_ROWS)
+        buffers = (torch.empty(size, dtype=torch.float32), torch.empty(size, dtype=torch.int32),
+                   torch.empty(index_size, dtype=_SCATTER_INDEX))
+        _SCRATCH.buffers = buffers
+    keys, sign, where = buffers
+    return keys[:need].view(rows, num_experts), sign[:need].view(rows, num_experts), where[:rows].view(rows, 1)
 
 
 def low_bits_free(dtype: torch.dtype, num_experts: int) -> bool:
@@ -181,29 +297,37 @@ def low_bits_free(dtype: torch.dtype, num_experts: int) -> bool:
     return (num_experts - 1).bit_length() <= _FREE_BITS.get(dtype, 0)
 
 
+def _select(logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`select_experts`, with the int32 ids ``[T, K]`` (contiguous) when the path made them."""
+    T, E = logits.shape
+    # Tested first and cheaply (is_cpu, not device.type): one token's whole call is ~10 us.
+    if 0 < T <= _FEW_ROWS and topk < E <= 4096 and logits.is_cpu:
+        return *_ids_by_topk_few(logits, topk), None
+    if not logits.is_cpu:
+        # The paths below would wait on the device to look at their checks, and could not be captured in
+        # a CUDA graph.
+        return _ids_by_wide_keys(logits, topk), None, None
+    if topk == E or T == 0:
+        return _sorted_ids(logits, topk), None, None
+    if E > 4096:
+        return *_ids_by_topk(logits, topk), None
+    if T >= PACKED_MIN_ROWS:
+        ids, ids32, masked = _ids_by_packed_keys(logits.detach(), topk)  # ids only: no graph to record
+        # With no row's maximum -inf, the chosen logits spare the caller its masked-row fix (three ops
+        # over [T, K], more than this check over [T]).
+        return ids, None if masked else logits.gather(1, ids), ids32
+    if low_bits_free(logits.dtype, E):
+        return _ids_by_key_table(logits, topk), None, None  # 16-bit logits tie often: no check needed
+    return *_ids_by_topk(logits, topk), None
+
+
 def select_experts(logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The contract's top-K of a 2-D ``[T, E]`` tensor: int64 ids ``[T, K]`` by descending logit, ties to
     the lower expert id, NaN above ``+inf``, ``-0.0 == +0.0``; with the chosen logits (in the logits'
     dtype) when they came for free and no row's maximum is ``-inf``, else ``None``. The path is chosen by
     cost (module docstring)."""
-    T, E = logits.shape
-    if logits.device.type != "cpu":
-        # The paths below would wait on the device to look at their checks, and could not be captured in
-        # a CUDA graph.
-        return _ids_by_wide_keys(logits, topk), None
-    if topk == E or T == 0:
-        return _sorted_ids(logits, topk), None
-    if E > 4096:
-        return _ids_by_topk(logits, topk)
-    if T > TOPK_MAX_ROWS:
-        return _ids_by_packed_keys(logits, topk), None
-    if not low_bits_free(logits.dtype, E):
-        return _ids_by_topk(logits, topk)  # float32: ties are rare, and checked
-    if T <= 2:  # one stable sort is exact and cheapest here
-        order = torch.sort(logits, dim=-1, descending=True, stable=True)
-        masked_row = float("-inf") in order.values.select(1, 0).tolist()
-        return _first_k(order.indices, topk), None if masked_row else _first_k(order.values, topk)
-    return _ids_by_key_table(logits, topk), None
+    ids, chosen, _ = _select(logits, topk)
+    return ids, chosen
 
 
 def reference_route(
@@ -224,31 +348,73 @@ def reference_route(
     - weights are multiplied by ``scale[ids]`` when a scale is given.
     The weights are differentiable with respect to ``logits`` and ``scale`` (gather, softmax, product).
     """
-    ids, chosen = select_experts(logits, topk)
+    w, ids, _ = _route(logits, topk, scale, renormalize, compute_dtype)
+    return w, ids
+
+
+def route_torch(
+    logits: torch.Tensor,
+    topk: int,
+    scale: torch.Tensor | None,
+    renormalize: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``torch`` backend's fresh outputs: :func:`reference_route` in float32, with int32 ids
+    (contiguous, as route() returns them)."""
+    w, ids, ids32 = _route(logits, topk, scale, renormalize, torch.float32)
+    return w, ids.int() if ids32 is None else ids32
+
+
+def _route(
+    logits: torch.Tensor,
+    topk: int,
+    scale: torch.Tensor | None,
+    renormalize: bool,
+    compute_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Weights, int64 ids and (when the selection made them) int32 ids."""
+    T, E = logits.shape
+    if 0 < T <= _FEW_ROWS and topk < E <= 4096 and logits.is_cpu:  # as _select does, one call less
+        (ids, chosen), ids32 = _ids_by_topk_few(logits, topk), None
+    else:
+        ids, chosen, ids32 = _select(logits, topk)
     # Chosen logits come back only where no row's maximum is -inf: then the masked-row fix below (three
     # ops a call) has nothing to do.
     settled = chosen is not None
     if chosen is None:
         chosen = logits.gather(-1, ids)
-    if renormalize:
-        w = torch.softmax(chosen, dim=-1) if chosen.dtype == compute_dtype else \
-            torch.softmax(chosen, dim=-1, dtype=compute_dtype)
+    if renormalize and T > _SOFTMAX_MAX_ROWS:
+        # The chosen logits descend (NaN first), so the first is the row's maximum, as softmax would
+        # subtract: same arithmetic, and NaN where softmax gives NaN.
+        c = chosen if chosen.dtype == compute_dtype else chosen.to(compute_dtype)
+        w = torch.exp(c - c.as_strided((T, 1), (c.stride(0), 1)))  # c[:, :1], at a third of its cost
+        total = w.sum(-1, keepdim=True)
+        w = w / total if w.requires_grad else w.div_(total)
+    elif renormalize:
+        w = torch.softmax(chosen, -1) if chosen.dtype == compute_dtype else \
+            torch.softmax(chosen, -1, dtype=compute_dtype)
     else:
-        w = torch.softmax(logits, dim=-1, dtype=compute_dtype).gather(-1, ids)
+        w = torch.softmax(logits, -1, dtype=compute_dtype).gather(-1, ids)
     if not settled and not _no_masked_row(chosen):
         # The first chosen logit is the row's maximum; -inf there means every expert is masked, where
         # softmax gives NaN: weight 0 instead.
         w = torch.where(chosen[:, :1] == float("-inf"), 0.0, w)
     if scale is not None:
-        w = w * (scale if scale.dtype == compute_dtype else scale.to(compute_dtype)).take(ids)
-    return w, ids
+        factor = (scale if scale.dtype == compute_dtype else scale.to(compute_dtype)).take(ids)
+        # In place saves an allocation, but softmax's backward reads its output: not while autograd records.
+        w = w * factor if w.requires_grad else w.mul_(factor)
+    return w, ids, ids32
 
 
 def _no_masked_row(chosen: torch.Tensor) -> bool:
-    """Whether no row's first chosen logit (its maximum) is ``-inf``, when a few Python compares can tell
-    (few rows on a CPU); ``False`` when unknown."""
-    return chosen.shape[0] <= 16 and chosen.device.type == "cpu" and \
-        float("-inf") not in chosen.select(1, 0).tolist()
+    """Whether no row's first chosen logit (its maximum) is ``-inf``, where looking costs less than the
+    fix (on a CPU: a few Python compares for few rows, one compare and ``any`` over ``[T]`` beyond);
+    ``False`` when unknown (off the CPU: no host sync)."""
+    if not chosen.is_cpu:
+        return False
+    first = chosen.select(1, 0)
+    if chosen.shape[0] <= 16:
+        return -math.inf not in first.tolist()
+    return not bool((first == -math.inf).any())
 
 
 def route_reference(

@@ -18,7 +18,7 @@ import torch
 from . import backward, configs, kernel, platforms
 from .kernel import LaunchConfig
 from .platforms import PlatformFacts
-from .reference import reference_route, route_reference
+from .reference import route_reference, route_torch
 
 ENV_VAR = "G4ROUTE_BACKEND"
 
@@ -86,8 +86,7 @@ class Backend:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Route validated 2-D ``[T, E]`` logits into fresh float32 weights and int32 ids ``[T, K]``."""
         if not self.uses_kernel:  # the reference's own outputs, not copies of them
-            weights, ids = reference_route(logits, topk, scale, renormalize)
-            return weights, ids.to(torch.int32)
+            return route_torch(logits, topk, scale, renormalize)
         shape = (logits.shape[0], topk)
         weights = logits.new_empty(shape, dtype=torch.float32)
         ids = logits.new_empty(shape, dtype=torch.int32)
@@ -196,6 +195,11 @@ def _read_env() -> str:
     if raw is None:
         return "" if _ENVIRON_DATA is not None else os.environ.get(ENV_VAR, "")
     return os.environ.decodevalue(raw)
+
+
+def forced_name() -> str:
+    """The backend ``G4ROUTE_BACKEND`` forces in this process's environment, or ``""``."""
+    return _read_env().strip()
 
 
 # CPython's os.environ keeps its data in ``_data`` under ``encodekey(name)``; elsewhere use .get.

@@ -1,0 +1,115 @@
+"""The PyTorch reference's selection paths (reference.py's module docstring) against the float64 oracle.
+
+Each path decides exactness its own way (a Python check of few rows, a tensor check, a 16-bit key table,
+packed keys truncated or exact, a sort), so each is driven here with the inputs that stress its rule:
+ties everywhere, ties that only the truncated low bits of a float32 key would break, NaN of both signs,
+signed zeros, infinities and fully masked rows. Fresh random inputs every run (the ``gen`` fixture).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from oracle import oracle
+
+from g4route import reference
+from g4route.reference import reference_route, route_torch, select_experts
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+MODES = ["plain", "ties", "truncated", "special", "masked"]
+# One per path on a CPU: few rows checked in Python, the topk / key-table band, the packed keys in one
+# chunk and in several (the last one short).
+ROWS = [1, 3, reference._FEW_ROWS, reference._FEW_ROWS + 1, 40, reference.PACKED_MIN_ROWS - 1,
+        reference.PACKED_MIN_ROWS, reference._CHUNK_ROWS + 37]
+
+
+def _logits(mode: str, rows: int, experts: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    x = torch.randn(rows, experts, generator=gen) * float(torch.rand(1, generator=gen) * 8 + 0.5)
+    if mode == "ties":  # a handful of values: ties at every place, the K-th included
+        x = x.round()
+    elif mode == "truncated":
+        # float32 values that agree above the low 7 bits of their bits, in groups of up to 4 columns: the
+        # packed keys keep only the high bits, so the order among these rests on the check and the sort.
+        base = torch.randn(rows, (experts + 3) // 4, generator=gen).repeat_interleave(4, dim=1)[:, :experts]
+        noise = torch.randint(0, 128, (rows, experts), generator=gen, dtype=torch.int32)
+        x = ((base.view(torch.int32) & ~127) | noise).view(torch.float32)
+    elif mode == "special":
+        r = torch.rand(rows, experts, generator=gen)
+        x[r < 0.01] = float("nan")
+        x[(r >= 0.01) & (r < 0.02)] = -float("nan")
+        x[(r >= 0.02) & (r < 0.04)] = float("inf")
+        x[(r >= 0.04) & (r < 0.06)] = -float("inf")
+        x[(r >= 0.3) & (r < 0.5)] = -0.0
+        x[(r >= 0.5) & (r < 0.7)] = 0.0
+    elif mode == "masked":
+        x[torch.rand(rows, experts, generator=gen) < 0.5] = -float("inf")
+        x[torch.rand(rows, generator=gen) < 0.2] = -float("inf")  # whole rows: weight 0
+    return x.to(dtype)
+
+
+def _assert_like_oracle(logits, topk, scale, renormalize):
+    ref_w, ref_ids = oracle(logits, topk, scale, renormalize)
+    w, ids = reference_route(logits, topk, scale, renormalize)
+    assert ids.dtype == torch.int64 and torch.equal(ids, ref_ids)
+    torch.testing.assert_close(w.double(), ref_w, rtol=1e-5, atol=1e-6, equal_nan=True)
+    w32, ids32 = route_torch(logits, topk, scale, renormalize)
+    assert ids32.dtype == torch.int32 and ids32.is_contiguous() and torch.equal(ids32.long(), ref_ids)
+    torch.testing.assert_close(w32, w, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(select_experts(logits, topk)[0], ref_ids)
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_path_every_mode(rows, dtype, gen):
+    experts = 128
+    scale = torch.rand(experts, generator=gen) + 0.5
+    for mode in MODES:
+        if mode == "truncated" and dtype != torch.float32:
+            continue
+        logits = _logits(mode, rows, experts, dtype, gen)
+        _assert_like_oracle(logits, 8, scale, True)
+    _assert_like_oracle(_logits("ties", rows, experts, dtype, gen), 8, None, False)
+
+
+@pytest.mark.parametrize("rows", [1, reference._FEW_ROWS, 40, reference.PACKED_MIN_ROWS + 5])
+def test_odd_shapes(rows, gen):
+    """E not a power of two (the id bits), K == E (the sort), K = 1, strided rows."""
+    for experts, topk in ((5, 5), (5, 1), (67, 3), (300, 16)):
+        for dtype in DTYPES:
+            for mode in ("ties", "special"):
+                _assert_like_oracle(_logits(mode, rows, experts, dtype, gen), topk, None, True)
+    wide = _logits("ties", rows, 200, torch.bfloat16, gen)
+    _assert_like_oracle(wide[:, 10:138], 8, torch.rand(128, generator=gen) + 0.5, True)
+    wide = _logits("truncated", rows, 200, torch.float32, gen)
+    _assert_like_oracle(wide[:, 10:138], 8, torch.rand(128, generator=gen) + 0.5, True)
+
+
+def test_ties_beyond_the_kth_place(gen):
+    """Few rows whose K-th logit ties with logits well beyond the K + 1 that torch.topk returned: the
+    lowest ids holding it must win, wherever they sit in the row."""
+    for dtype in DTYPES:
+        for rows in (1, reference._FEW_ROWS):
+            x = torch.full((rows, 64), -3.0)
+            x[:, 40:] = torch.randn(rows, 24, generator=gen).abs() + 1  # 24 above the tie: K = 8 needs none
+            x[:, 50:] = 0.5  # 14 equal logits from id 50 on; the first 8 of them are not topk's own
+            x[:, 5] = 0.5
+            x[:, 3] = -0.0  # ±0 below: never chosen
+            _assert_like_oracle(x.to(dtype), 30, None, True)
+            x[:, 60] = 0.0
+            x[:, 61] = -0.0  # ±0 tied at the K-th place
+            x[:, 40:50] = 7.0
+            _assert_like_oracle(torch.where(x == 0.5, 0.0, x).to(dtype), 12, None, True)
+
+
+@pytest.mark.parametrize("rows", [1, 40, reference.PACKED_MIN_ROWS])
+def test_weights_are_differentiable(rows, gen):
+    """reference_route's weights carry gradients to the logits and the scale, as the float64 oracle's do."""
+    logits = _logits("plain", rows, 32, torch.float32, gen).requires_grad_(True)
+    scale = (torch.rand(32, generator=gen) + 0.5).requires_grad_(True)
+    w, _ = reference_route(logits, 4, scale, True)
+    w.sum().backward()
+    x64, s64 = logits.detach().double().requires_grad_(True), scale.detach().double().requires_grad_(True)
+    ref_w, _ = oracle(x64, 4, s64, True)
+    ref_w.sum().backward()
+    torch.testing.assert_close(logits.grad.double(), x64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(scale.grad.double(), s64.grad, rtol=1e-4, atol=1e-6)
