@@ -27,6 +27,7 @@ import torchvision_stub
 from oracle import assert_routes_like_oracle
 
 from g4route import registry
+from g4route.adapters import engines
 from g4route.adapters import sglang as g4route_sglang
 from g4route.adapters.engines import engine_reports
 
@@ -307,7 +308,7 @@ def test_sglang_plugin_never_raises_into_sglang(sglang_gemma4, caplog, monkeypat
     def broken(*args, **kwargs):
         raise RuntimeError("simulated failure")
 
-    monkeypatch.setattr(g4route_sglang, "when_imported", broken)
+    monkeypatch.setattr(engines, "when_imported", broken)  # the plugin's entry point calls it
     g4route_sglang.register()
     monkeypatch.setattr(g4route_sglang, "mismatches", broken)
     g4route_sglang._patch_safely(sglang_gemma4)   # what runs inside SGLang's import of the model module

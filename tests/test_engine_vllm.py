@@ -21,7 +21,7 @@ import torch
 from oracle import assert_routes_like_oracle
 
 from g4route import registry
-from g4route.adapters import vllm_plugin
+from g4route.adapters import engines, vllm_plugin
 from g4route.adapters.engines import engine_reports
 
 pytestmark = pytest.mark.engines
@@ -280,7 +280,7 @@ def test_vllm_plugin_never_raises_into_vllm(vllm_gemma4, vllm_log, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("simulated failure")
 
-    monkeypatch.setattr(vllm_plugin, "when_imported", broken)
+    monkeypatch.setattr(engines, "when_imported", broken)  # the plugin's entry point calls it
     load_plugins_as_vllm_does()  # vLLM does not catch exceptions of general plugins
     monkeypatch.setattr(vllm_plugin, "mismatches", broken)
     vllm_plugin._patch_safely(vllm_gemma4)  # what runs inside vLLM's import of the model module

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .import_hook import when_imported
+
 __all__ = ["EngineReport", "EngineSpec", "PluginLog", "engine_reports", "g4route_version", "guarded",
            "plugin_enabled", "register_plugin", "scale_for_inference"]
 
@@ -95,8 +97,6 @@ def register_plugin(spec: EngineSpec, patch_safely: Callable[[types.ModuleType],
         if not plugin_enabled(spec.env_var):
             log.logger.info("g4route: %s=0, %s", spec.env_var, kept)
             return
-        from .import_hook import when_imported
-
         when_imported(spec.module, patch_safely)
     except Exception as exc:
         log.warn_once(f"plugin not loaded ({type(exc).__name__}: {exc}); {kept}")
