@@ -155,7 +155,7 @@ def patch(module: types.ModuleType) -> bool:
     problems = mismatches(module)
     if problems:
         LOG.warn_once(f"{module.__name__} is not what g4route's plugin was written against "
-                   f"(SGLang {SPEC.tested_version}): {'; '.join(problems)}. SGLang's own Gemma 4 routing is kept.")
+                      f"(SGLang {SPEC.tested_version}): {'; '.join(problems)}. SGLang's own Gemma 4 routing is kept.")
         return False
     cls = getattr(module, MOE_CLASS)
     original_init = cls.__init__
@@ -186,7 +186,7 @@ def _reroute(layer: object, closure: types.CodeType) -> None:
         config.custom_routing_function = make_sglang_routing_function(scale)
     except Exception as exc:  # a layer keeps SGLang's routing rather than failing to build
         LOG.warn_once(f"could not reroute a {MOE_CLASS} layer ({type(exc).__name__}: {exc}); "
-                   "it keeps SGLang's own routing")
+                      "it keeps SGLang's own routing")
 
 
 def unpatch(module: types.ModuleType) -> None:

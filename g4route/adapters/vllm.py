@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 
 from ..api import route
+from .engines import scale_for_inference
 
 __all__ = ["make_vllm_routing_function"]
 
@@ -55,9 +56,7 @@ def make_vllm_routing_function(per_expert_scale: torch.Tensor | None = None) -> 
         topk: int,
         renormalize: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = per_expert_scale
-        if scale is not None and scale.requires_grad and torch.is_grad_enabled():
-            scale = scale.detach()
+        scale = scale_for_inference(per_expert_scale)
         return route(gating_output, topk, scale, renormalize=renormalize)
 
     routing_function.__qualname__ = routing_function.__name__ = "g4route_vllm_routing_function"

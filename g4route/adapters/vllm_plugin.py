@@ -168,7 +168,7 @@ def patch(module: types.ModuleType) -> bool:
     problems = mismatches(module)
     if problems:
         LOG.warn_once(f"{module.__name__} is not what g4route's plugin was written against "
-                   f"(vLLM {SPEC.tested_version}): {'; '.join(problems)}. vLLM's own Gemma 4 routing is kept.")
+                      f"(vLLM {SPEC.tested_version}): {'; '.join(problems)}. vLLM's own Gemma 4 routing is kept.")
         return False
     setattr(module, _ORIGINALS, {name: getattr(module, name) for name in _REPLACEMENTS})
     for name, fn in _REPLACEMENTS.items():
