@@ -141,8 +141,8 @@ def route(
     ``renormalize``, when grad mode is on and either requires grad. The logits' gradient comes in their
     dtype, zero outside the chosen K when ``renormalize`` is True; a row whose every logit is ``-inf``
     gets 0, a row holding NaN gets NaN. The GPU backends (and ``interpreter``) run one backward kernel,
-    the scale's gradient reduced without atomics (bitwise reproducible); ``torch`` runs autograd of the
-    reference. A double backward raises ``RuntimeError``.
+    the scale's gradient reduced without atomics (bitwise reproducible); ``torch`` computes the
+    gradient of the reference's formula in PyTorch ops. A double backward raises ``RuntimeError``.
 
     ``torch.compile`` (``fullgraph=True``, dynamic token counts) traces through route() without a graph
     break: the call becomes one ``g4route::route`` (or, with ``out``, ``g4route::route_out``) operator

@@ -397,6 +397,6 @@ def format_backward_table(rows: list[BackwardRow], meta: dict) -> str:
                  "-" if r.compiled_us is None else f"{r.compiled_us / r.train_us:.1f}x", peaks]
         lines.append("| " + " | ".join(cells) + " |")
     if meta["backend"] not in ("cuda", "rocm", "xpu"):
-        lines.append("no GPU kernel here: g4route's columns are autograd of the reference (backend "
+        lines.append("no GPU kernel here: g4route's columns are the reference's gradient in PyTorch ops (backend "
                      f"{meta['backend']}); the targets (fwd+bwd within 2x of fwd, 10x eager at T >= 65,536) need a GPU")
     return "\n".join(lines)

@@ -26,7 +26,7 @@ Autograd: ``route`` and ``route_out`` have no autograd formula, so inference (ea
 passes through one. Where an input requires grad, route() calls a third operator,
 ``torch.ops.g4route.route_autograd`` (the same schema and implementation as ``route``), whose formula
 (``torch.library.register_autograd``) saves the logits, the ids and the scale and calls
-``torch.ops.g4route.route_backward``: the backward kernel, or autograd of the reference
+``torch.ops.g4route.route_backward``: the backward kernel, or the reference's gradient in PyTorch ops
 (``backward.py``), chosen like the forward's backend when it runs. AOTAutograd traces that formula, so
 ``torch.compile(fullgraph=True)`` of a training step keeps both as single nodes. ``route_backward`` itself
 is not differentiable: a double backward raises a ``RuntimeError`` that says so.

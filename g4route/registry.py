@@ -121,10 +121,10 @@ class Backend:
         scale_grad: bool,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The gradients of ``run`` for 2-D ``[T, E]`` logits and the ``[T, K]`` ids it chose: the backward
-        kernel where this backend launches the forward kernel, autograd of the reference elsewhere
-        (``backward.py``). The caller casts ``grad_scale`` to the scale's dtype."""
+        kernel where this backend launches the forward kernel, the gradient of the reference's formula in
+        PyTorch ops elsewhere (``backward.py``). The caller casts ``grad_scale`` to the scale's dtype."""
         if not self.uses_kernel:
-            return backward.reference_backward(grad_weights, logits, ids.shape[1], scale, renormalize, logits_grad,
+            return backward.reference_backward(grad_weights, logits, ids, scale, renormalize, logits_grad,
                                                scale_grad)
         return backward.launch(grad_weights, logits, ids, scale, renormalize, logits_grad, scale_grad,
                                interpret=self.interpret)
