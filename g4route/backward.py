@@ -44,10 +44,12 @@ import torch
 from . import kernel, launcher
 from .kernel import tl, triton
 
-# A GPU program's tile: about this many logits (few registers per row value), and this many rows per
-# program in all (few partial sums of the scale's gradient: [T / rows, E] float32).
-_GPU_TILE_ELEMENTS = 512
-_GPU_ROWS_PER_PROGRAM = 64
+# A GPU program's tile: about this many logits (one row at E = 128, on one warp), and this many rows per
+# program in all (the scale's partial sums: [T / rows, E] float32). Chosen by a sweep on an H200
+# (BENCHMARKS.md, "the backward's launch shape"): the kernel waits on its gathers, so many small programs
+# keep more of them in flight; 512 logits and 64 rows, the first guess, took 2.2x as long at 262,144 tokens.
+_GPU_TILE_ELEMENTS = 128
+_GPU_ROWS_PER_PROGRAM = 16
 
 
 class BackwardConfig(NamedTuple):
