@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import configs, kernel
+from . import backward, configs, kernel
 from .kernel import LaunchConfig
 
 EXPERTS = 128  # Gemma 4 26B-A4B
@@ -178,17 +178,40 @@ def signature(backend: str, dtype: torch.dtype, config: LaunchConfig, tokens: in
 
     Meta tensors stand in for the real ones: only dtypes, shapes and strides matter here.
     """
-    fn = kernel._compiled_kernel
     meta = kernel.constexprs(dtype, experts, topk, config, renormalize, has_scale)
     logits = torch.empty(tokens, experts, dtype=dtype, device="meta")
     weights = torch.empty(tokens, topk, dtype=torch.float32, device="meta")
     ids = torch.empty(tokens, topk, dtype=torch.int32, device="meta")
     scale = torch.empty(experts, dtype=torch.float32, device="meta") if has_scale else None
-    runtime = list(launch_arguments(logits, scale, weights, ids))
+    return _specialised(kernel._compiled_kernel, list(launch_arguments(logits, scale, weights, ids)), meta, backend,
+                        "aot.launch_arguments gives {given}: bring it in step with kernel.launch")
+
+
+def backward_signature(backend: str, dtype: torch.dtype, tokens: int, experts: int = EXPERTS, topk: int = TOPK,
+                       renormalize: bool = True) -> tuple[dict, dict, dict, backward.BackwardConfig]:
+    """(signature, constexprs, attrs, config) of the backward kernel's compile for a training step's call:
+    ``tokens`` contiguous rows of ``dtype`` logits, gradients of both the logits and the scale, the launch
+    shape ``backward.config_for`` gives on a GPU."""
+    config = backward.config_for(tokens, experts, interpret=False)
+    grid = -(-tokens // config.rows_per_program)
+    logits = torch.empty(tokens, experts, dtype=dtype, device="meta")
+    ids = torch.empty(tokens, topk, dtype=torch.int32, device="meta")
+    runtime = backward.runtime_args(torch.empty(tokens, topk, dtype=torch.float32, device="meta"), logits, ids,
+                                    torch.empty(experts, dtype=torch.float32, device="meta"),
+                                    torch.empty(tokens, experts, dtype=dtype, device="meta"),
+                                    torch.empty(grid, experts, dtype=torch.float32, device="meta"))
+    meta = backward.constexprs(topk, experts, config, True, renormalize, True, True)
+    return (*_specialised(backward._compiled_kernel, list(runtime), meta, backend,
+                          "backward.runtime_args gives {given}"), config)
+
+
+def _specialised(fn, runtime: list, meta: dict, backend: str, mismatch: str) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) of ``fn`` called with ``runtime`` arguments and ``meta`` constexprs,
+    each runtime argument specialised as Triton's JIT does it for ``backend`` (:func:`specialize`)."""
     runtime_params = [p.name for p in fn.params if not p.is_constexpr]
     if len(runtime) != len(runtime_params):
         raise RuntimeError(f"the kernel takes {len(runtime_params)} runtime arguments ({', '.join(runtime_params)}) "
-                           f"but aot.launch_arguments gives {len(runtime)}: bring it in step with kernel.launch")
+                           f"but " + mismatch.format(given=len(runtime)))
     sig, constants, attrs = {}, {}, {}
     values = iter(runtime)
     for i, p in enumerate(fn.params):
@@ -198,7 +221,7 @@ def signature(backend: str, dtype: torch.dtype, config: LaunchConfig, tokens: in
             elif p.has_default:
                 constants[(i,)] = p.default
             else:
-                raise RuntimeError(f"kernel.constexprs gives no value for the constexpr {p.name!r}")
+                raise RuntimeError(f"no value for the constexpr {p.name!r}")
             sig[p.name] = "constexpr"
             continue
         kind, value, arg_attrs = specialize(next(values), backend, not p.do_not_specialize,
@@ -210,7 +233,7 @@ def signature(backend: str, dtype: torch.dtype, config: LaunchConfig, tokens: in
             attrs[(i,)] = arg_attrs
     unknown = set(meta) - {p.name for p in fn.params if p.is_constexpr}
     if unknown:
-        raise RuntimeError(f"kernel.constexprs gives {sorted(unknown)}, which the kernel does not take")
+        raise RuntimeError(f"the constexprs give {sorted(unknown)}, which the kernel does not take")
     return sig, constants, attrs
 
 
@@ -373,6 +396,62 @@ def compile_config(tgt: Target, dtype: torch.dtype, config: LaunchConfig, tokens
     if tgt.backend == "hip":
         return _amd(ck, tgt.warp_size)
     return _xpu(ck, ocloc_device)
+
+
+@dataclass
+class BackwardRow:
+    """The backward kernel for one target, dtype and ``renormalize``, at the launch shape ``backward.py``
+    gives a training step of ``LARGEST_TOKENS`` tokens (it has no tuned table)."""
+
+    target: str
+    dtype: str
+    renormalize: bool
+    config: backward.BackwardConfig | None = None
+    stats: Stats | None = None
+    error: str | None = None
+
+    @property
+    def spilled(self) -> bool:
+        return bool(self.stats and self.stats.spills)
+
+
+def compile_backward(tgt: Target, dtype: torch.dtype, renormalize: bool, tokens: int = LARGEST_TOKENS,
+                     experts: int = EXPERTS, topk: int = TOPK) -> BackwardRow:
+    """Compile the backward kernel for ``tgt`` as a training step's call would, and read its stats."""
+    import triton
+    from triton.compiler import ASTSource
+
+    row = BackwardRow(tgt.name, configs._DTYPE_NAMES[dtype], renormalize)
+    try:
+        sig, constants, attrs, row.config = backward_signature(tgt.backend, dtype, tokens, experts, topk, renormalize)
+        ck = triton.compile(ASTSource(backward._compiled_kernel, sig, constants, attrs), target=tgt.gpu_target(),
+                            options={"num_warps": row.config.num_warps, "num_stages": 1})
+        row.stats = _nvidia(ck, tgt.arch, row.config.num_warps) if tgt.backend == "cuda" else _amd(ck, tgt.warp_size)
+    except Exception as exc:  # a compile error is a result to report, not a crash
+        row.error = f"{type(exc).__name__}: {str(exc).strip()}"
+    return row
+
+
+def compile_backward_all(targets: Sequence[Target], experts: int = EXPERTS, topk: int = TOPK) -> list[BackwardRow]:
+    """The backward kernel for every NVIDIA and AMD target, both dtypes, both ``renormalize`` (Intel's
+    Triton is a different release, checked by hand so far)."""
+    return [compile_backward(tgt, dtype, renormalize, experts=experts, topk=topk)
+            for tgt in targets if tgt.backend in ("cuda", "hip")
+            for dtype in DTYPES for renormalize in (True, False)]
+
+
+def format_backward_table(rows: Sequence[BackwardRow]) -> str:
+    """The backward's compiles: one line each."""
+    lines = [("target", "dtype", "renormalize", "rows/warps", "regs", "spills", "scratch", "smem", "occupancy")]
+    for r in rows:
+        shape = "-" if r.config is None else f"{r.config.block_rows}x{r.config.sub_blocks}/{r.config.num_warps}"
+        s = r.stats
+        lines.append((r.target, r.dtype, str(r.renormalize), shape,
+                      *(("ERROR", short_error(r.error or ""), "", "", "") if s is None else
+                        (_cell(s.registers), _cell(s.spills), _cell(s.scratch), str(s.shared), s.occupancy))))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+                     for line in lines)
 
 
 # ------------------------------------------------------------------------------------- every tuned config
@@ -638,6 +717,16 @@ def main(argv: list[str] | None = None) -> int:
             json.dump([asdict(r) for r in rows], f, indent=1, default=str)
     line, ok = summary(rows, seconds)
     print("\n" + line)
+    start = time.perf_counter()
+    backward_rows = compile_backward_all(targets, args.experts, args.topk)
+    if backward_rows:
+        bad = [r for r in backward_rows if r.error or r.spilled]
+        print(f"\nthe backward kernel (route()'s gradient; its launch shape at T={LARGEST_TOKENS:,}, "
+              f"E={args.experts}, K={args.topk}; rows/warps: rows a tile x tiles a program / warps):")
+        print(format_backward_table(backward_rows))
+        print(f"{len(backward_rows)} backward compiles in {time.perf_counter() - start:.1f} s: "
+              + ("all compiled, no spills" if not bad else f"{len(bad)} with a compile error or spills"))
+        ok = ok and not bad
     return 0 if ok else 1
 
 

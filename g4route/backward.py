@@ -214,6 +214,24 @@ if triton is not None:
     _interpreted_kernel = InterpretedFunction(_route_backward_kernel)
 
 
+def runtime_args(grad_weights: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, scale: torch.Tensor | None,
+                 grad_logits: torch.Tensor | None, partials: torch.Tensor | None) -> tuple:
+    """The backward kernel's runtime arguments, in its parameter order (also what ``aot.py`` compiles
+    for). Pointers never read (their constexpr flag is off) stand in as the logits."""
+    T, E = logits.shape
+    return (grad_weights, logits, ids, logits if scale is None else scale,
+            logits if grad_logits is None else grad_logits, logits if partials is None else partials,
+            T, E, *grad_weights.stride(), *logits.stride(), *ids.stride())
+
+
+def constexprs(topk: int, num_experts: int, config: BackwardConfig, has_scale: bool, renormalize: bool,
+               logits_grad: bool, scale_grad: bool) -> dict:
+    """The backward kernel's compile-time arguments for one call shape (also used by ``aot.py``)."""
+    return {"K": topk, "BLOCK_T": config.block_rows, "SUB_BLOCKS": config.sub_blocks,
+            "BLOCK_E": triton.next_power_of_2(num_experts), "HAS_SCALE": has_scale,
+            "RENORMALIZE": renormalize, "LOGITS_GRAD": logits_grad, "SCALE_GRAD": scale_grad}
+
+
 def launch(
     grad_weights: torch.Tensor,
     logits: torch.Tensor,
@@ -239,13 +257,8 @@ def launch(
     config = config_for(T, E, interpret)
     grid = -(-T // config.rows_per_program)
     partials = torch.empty(grid, E, dtype=torch.float32, device=logits.device) if scale_grad else None
-    # Pointers never read (their constexpr flag is off) stand in as the logits.
-    args = (grad_weights, logits, ids, logits if scale is None else scale,
-            logits if grad_logits is None else grad_logits, logits if partials is None else partials,
-            T, E, *grad_weights.stride(), *logits.stride(), *ids.stride())
-    meta = {"K": K, "BLOCK_T": config.block_rows, "SUB_BLOCKS": config.sub_blocks,
-            "BLOCK_E": triton.next_power_of_2(E), "HAS_SCALE": scale is not None,
-            "RENORMALIZE": renormalize, "LOGITS_GRAD": logits_grad, "SCALE_GRAD": scale_grad}
+    args = runtime_args(grad_weights, logits, ids, scale, grad_logits, partials)
+    meta = constexprs(K, E, config, scale is not None, renormalize, logits_grad, scale_grad)
     if interpret:
         with kernel.interpreting():
             _interpreted_kernel[(grid,)](*args, num_warps=config.num_warps, **meta)
