@@ -1,6 +1,7 @@
 """g4route: Gemma 4 mixture-of-experts routing, one fused Triton kernel on every GPU vendor.
 
-``route()`` is the entry point; ``backends()``, ``available_backends()`` and ``backend_for()``
+``route()`` is the entry point (``router()``: Gemma 4's whole router, norm and projection included, in one
+kernel); ``backends()``, ``available_backends()`` and ``backend_for()``
 say which backends exist, which this machine can run, and which one a device gets.
 """
 
@@ -10,9 +11,10 @@ import torch
 
 from . import registry
 from .api import route
+from .router import router
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "available_backends", "backend_for", "backends", "route"]
+__all__ = ["__version__", "available_backends", "backend_for", "backends", "route", "router"]
 
 
 def backends() -> list[str]:

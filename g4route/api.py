@@ -16,13 +16,15 @@ from .reference import route_torch
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _check_logits(gating_output: object) -> torch.Tensor:
+def _check_logits(gating_output: object, name: str = "gating_output", last: str = "E") -> torch.Tensor:
+    """A float32/bfloat16/float16 tensor ``[..., last]`` with ``last >= 1`` (``router()`` checks its hidden
+    states with it too, as ``name`` ``[..., H]``)."""
     if not isinstance(gating_output, torch.Tensor):
-        raise TypeError(f"gating_output must be a torch.Tensor, got {type(gating_output).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(gating_output).__name__}")
     if gating_output.dtype not in _LOGIT_DTYPES:
-        raise TypeError(f"gating_output must be float32, bfloat16 or float16, got {gating_output.dtype}")
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {gating_output.dtype}")
     if gating_output.dim() < 1 or gating_output.shape[-1] < 1:
-        raise ValueError(f"gating_output must have shape [..., E] with E >= 1, got {tuple(gating_output.shape)}")
+        raise ValueError(f"{name} must have shape [..., {last}] with {last} >= 1, got {tuple(gating_output.shape)}")
     return gating_output
 
 

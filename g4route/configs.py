@@ -16,9 +16,11 @@ from pathlib import Path
 import torch
 
 from .kernel import LaunchConfig
+from .router_kernel import RouterConfig
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _CONFIG_KEYS = {"rows_per_program", "num_warps", "num_stages", "lanes_per_row"}
+_ROUTER_KEYS = {"block_t", "block_h", "split", "num_warps", "num_stages"}
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ class Bucket:
 
     max_tokens: int | None
     dtypes: tuple[str, ...]
-    config: LaunchConfig
+    config: LaunchConfig | RouterConfig
 
     def serves(self, tokens: int, dtype_name: str) -> bool:
         return (self.max_tokens is None or tokens <= self.max_tokens) and (
@@ -43,17 +45,34 @@ class Family:
     match: tuple[str, ...]
     buckets: tuple[Bucket, ...]
     provenance: str
+    # The fused router's launch shapes (``router`` rows); empty: the table's default family's.
+    router: tuple[Bucket, ...] = ()
 
     def matches(self, device_names: Sequence[str]) -> bool:
         names = [n.lower() for n in device_names]
         return any(m.lower() in n for m in self.match for n in names)
 
     def config_for(self, tokens: int, dtype: torch.dtype) -> LaunchConfig:
-        dtype_name = _DTYPE_NAMES.get(dtype, str(dtype))
-        for bucket in self.buckets:
-            if bucket.serves(tokens, dtype_name):
-                return bucket.config
-        raise LookupError(f"family {self.name!r} has no bucket for T={tokens}, dtype={dtype_name}")
+        return _first(self.buckets, tokens, dtype, self.name)
+
+    def router_config_for(self, tokens: int, dtype: torch.dtype) -> RouterConfig | None:
+        """The fused router's launch shape for ``tokens`` rows of ``dtype`` hidden states, or None where
+        this family has no ``router`` rows."""
+        return _first(self.router, tokens, dtype, self.name) if self.router else None
+
+
+def _first(buckets: Sequence[Bucket], tokens: int, dtype: torch.dtype, family: str):
+    dtype_name = _DTYPE_NAMES.get(dtype, str(dtype))
+    for bucket in buckets:
+        if bucket.serves(tokens, dtype_name):
+            return bucket.config
+    raise LookupError(f"family {family!r} has no bucket for T={tokens}, dtype={dtype_name}")
+
+
+# The fused router's tensor-core precisions for float32 hidden states, each about float32's accuracy (the
+# bound in router.py allows for them): three TF32 products (NVIDIA), six bfloat16 ones (AMD, which has no
+# TF32x3 in Triton), or a float32 product off the tensor cores (ieee).
+FLOAT32_DOTS = ("tf32x3", "bf16x6", "ieee")
 
 
 @dataclass(frozen=True)
@@ -62,6 +81,7 @@ class Table:
     families: tuple[Family, ...]
     default: Family
     source: str
+    float32_dot: str = "tf32x3"  # the fused router's precision for float32 hidden states (FLOAT32_DOTS)
 
     def family_for(self, device_names: Sequence[str]) -> Family:
         """The first family matching any of ``device_names``, else the vendor default."""
@@ -69,6 +89,13 @@ class Table:
             if family.matches(device_names):
                 return family
         return self.default
+
+    def router_config_for(self, family: Family, tokens: int, dtype: torch.dtype) -> RouterConfig:
+        """The fused router's launch shape: ``family``'s ``router`` rows, else the default family's."""
+        config = family.router_config_for(tokens, dtype) or self.default.router_config_for(tokens, dtype)
+        if config is None:
+            raise LookupError(f"{self.source}: neither family {family.name!r} nor [default] has router rows")
+        return config
 
 
 def tables_dir() -> Path:
@@ -99,6 +126,30 @@ def _parse_bucket(raw: dict, where: str) -> Bucket:
     lanes = config.lanes_per_row
     if lanes < 0 or lanes & (lanes - 1):
         raise ValueError(f"{where}: lanes_per_row must be 0 (a whole row per load) or a power of two, got {lanes}")
+    return _with_range(raw, config, where)
+
+
+def _parse_router_bucket(raw: dict, where: str) -> Bucket:
+    unknown = set(raw) - _ROUTER_KEYS - {"max_tokens", "dtypes"}
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
+    try:
+        config = RouterConfig(block_t=int(raw["block_t"]), block_h=int(raw["block_h"]), split=int(raw.get("split", 1)),
+                              num_warps=int(raw["num_warps"]), num_stages=int(raw.get("num_stages", 3)))
+    except KeyError as exc:
+        raise ValueError(f"{where}: missing {exc.args[0]!r}") from None
+    for knob in ("block_t", "block_h", "num_warps"):
+        value = getattr(config, knob)
+        if value < 1 or value & (value - 1):
+            raise ValueError(f"{where}: {knob} must be a power of two, got {value}")
+    if config.block_t < 16 or config.block_h < 16:
+        raise ValueError(f"{where}: block_t and block_h must be at least 16 (the tensor cores' smallest tile)")
+    if config.split < 1 or config.num_stages < 1:
+        raise ValueError(f"{where}: split and num_stages must be at least 1")
+    return _with_range(raw, config, where)
+
+
+def _with_range(raw: dict, config, where: str) -> Bucket:
     dtypes = tuple(raw.get("dtypes", ()))
     bad = set(dtypes) - set(_DTYPE_NAMES.values())
     if bad:
@@ -108,31 +159,36 @@ def _parse_bucket(raw: dict, where: str) -> Bucket:
 
 
 def _parse_family(raw: dict, name: str, where: str) -> Family:
-    unknown = set(raw) - {"name", "match", "buckets", "provenance", "note"}
+    unknown = set(raw) - {"name", "match", "buckets", "provenance", "note", "router"}
     if unknown:
         raise ValueError(f"{where}: family {name!r} has unknown keys {sorted(unknown)}")
     rows = raw.get("buckets")
     if not rows:
         raise ValueError(f"{where}: family {name!r} has no buckets")
     buckets = tuple(_parse_bucket(r, f"{where} [{name}] bucket {i}") for i, r in enumerate(rows))
-    last = buckets[-1]
-    if last.max_tokens is not None or last.dtypes:
-        raise ValueError(f"{where}: family {name!r} needs a last bucket without max_tokens or dtypes")
-    return Family(name, tuple(raw.get("match", ())), buckets, str(raw.get("provenance", "")))
+    router = tuple(_parse_router_bucket(r, f"{where} [{name}] router {i}") for i, r in enumerate(raw.get("router", ())))
+    for rows_of, kind in ((buckets, "bucket"), (router, "router row")):
+        if rows_of and (rows_of[-1].max_tokens is not None or rows_of[-1].dtypes):
+            raise ValueError(f"{where}: family {name!r} needs a last {kind} without max_tokens or dtypes")
+    return Family(name, tuple(raw.get("match", ())), buckets, str(raw.get("provenance", "")), router)
 
 
 def parse_table(text: str, source: str) -> Table:
     """Parse and check one table; errors name the file and the row."""
     raw = tomllib.loads(text)
-    unknown = set(raw) - {"vendor", "family", "default"}
+    unknown = set(raw) - {"vendor", "family", "default", "float32_dot"}
     if unknown:
         raise ValueError(f"{source}: unknown top-level keys {sorted(unknown)}")
+    float32_dot = str(raw.get("float32_dot", "tf32x3"))
+    if float32_dot not in FLOAT32_DOTS:
+        raise ValueError(f"{source}: float32_dot must be one of {', '.join(FLOAT32_DOTS)}, got {float32_dot!r}")
     families = tuple(
         _parse_family(f, str(f.get("name", f"#{i}")), source) for i, f in enumerate(raw.get("family", []))
     )
     if "default" not in raw:
         raise ValueError(f"{source}: a [default] family is required")
-    return Table(str(raw.get("vendor", "")), families, _parse_family(raw["default"], "default", source), source)
+    return Table(str(raw.get("vendor", "")), families, _parse_family(raw["default"], "default", source), source,
+                 float32_dot)
 
 
 @functools.cache

@@ -19,6 +19,7 @@ from . import backward, configs, kernel, platforms
 from .kernel import LaunchConfig
 from .platforms import PlatformFacts
 from .reference import route_reference, route_torch
+from .router_kernel import RouterConfig
 
 ENV_VAR = "G4ROUTE_BACKEND"
 
@@ -73,6 +74,16 @@ class Backend:
         if self.table is None:
             raise ValueError(f"backend {self.name!r} does not launch the kernel")
         return _family(self.table, device).config_for(tokens, dtype)
+
+    def router_config_for(self, device: torch.device, tokens: int, dtype: torch.dtype) -> RouterConfig:
+        """The fused router's launch shape for ``tokens`` rows of ``dtype`` hidden states on ``device``."""
+        if self.table is None:
+            raise ValueError(f"backend {self.name!r} does not launch the kernel")
+        return configs.load_table(self.table).router_config_for(_family(self.table, device), tokens, dtype)
+
+    def float32_dot(self) -> str:
+        """The fused router's tensor-core precision for float32 hidden states, from the vendor table."""
+        return "ieee" if self.table is None else configs.load_table(self.table).float32_dot
 
     def family_name(self, device: torch.device) -> str:
         return "-" if self.table is None else _family(self.table, device).name
