@@ -91,6 +91,19 @@ def cmd_bench(args) -> int:
     from . import bench
 
     device = torch.device(args.device or _default_device())
+    if args.router and args.backward:
+        raise SystemExit("g4route bench: --router and --backward are separate runs; pick one")
+    if args.router:
+        from . import bench_router
+
+        tokens = args.tokens or ([1, 16, 256, 4096, 65536] if device.type != "cpu" else [1, 16, 256])
+        rows, meta = bench_router.run_router_bench(device, tokens, [getattr(torch, d) for d in args.dtypes],
+                                                   args.experts, args.topk, args.hidden, _progress(args.quiet))
+        print(bench_router.format_router_table(rows, meta))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
+        return 0
     if args.backward:
         tokens = args.tokens or ([1, 16, 256, 4096, 65536, 262144] if device.type != "cpu" else [1, 16, 256, 4096])
         use_compile = args.compile in ("default", "all") or (args.compile == "auto" and device.type != "cpu")
@@ -193,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time forward+backward (gradients of the logits and the scale) against autograd of the "
                         "eager and compiled reference, with peak memory (default T: 1 to 262144 on a GPU, "
                         "to 4096 on a CPU; --compile none|default drops or keeps the compiled column)")
+    p.add_argument("--router", action="store_true",
+                   help="time the fused router (g4route.router: norm, projection and routing in one kernel) against "
+                        "Transformers' router, the best unfused pipeline, route() alone and the floor (default T: 1 "
+                        "to 65536 on a GPU; pass --dtypes bfloat16 for Gemma 4's dtype)")
+    p.add_argument("--hidden", type=int, default=2816, help="--router: hidden size H (default 2816, Gemma 4 26B-A4B)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("tune", help="sweep launch configs on this GPU and emit a table family for backends/")
