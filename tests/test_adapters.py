@@ -345,3 +345,59 @@ def test_transformers_warns_where_the_softmax_was_in_the_model_dtype(hf, model, 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         adapter.patch_gemma4(model).undo()
+
+
+def test_transformers_fused_router_matches_the_model_off_near_ties(hf, model, gen):
+    """fuse_router=True: each router is one g4route.router call; in float32 its experts are the unpatched
+    router's wherever the K-th place gap clears the fused router's error bound (plus float32 rounding of the
+    unpatched path), weights and probabilities to float32 rounding; the whole model's logits agree."""
+    from g4route.router import logit_error_bound
+
+    _, adapter = hf
+    calls = []
+    original = adapter.fused_router
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    x = torch.randn(300, HIDDEN, generator=gen)
+    input_ids = torch.randint(0, 256, (2, 11), generator=gen)
+    with torch.no_grad():
+        before = [router(x) for router in _routers(model)]
+        reference = model(input_ids).logits
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(adapter, "fused_router", counting)
+            with adapter.patch_gemma4(model, fuse_router=True):
+                after = [router(x) for router in _routers(model)]
+                patched = model(input_ids).logits
+    assert len(calls) == 2 * len(before), "the fused path did not run"
+    for router, (p0, w0, i0), (p1, w1, i1) in zip(_routers(model), before, after, strict=True):
+        assert (i1.dtype, w1.dtype, p1.dtype) == (torch.int64, torch.float32, torch.float32)
+        logits = torch.log(p0.double())  # the unpatched router's logits, up to a per-row constant
+        top = logits.topk(K + 1, dim=-1).values
+        bound = logit_error_bound(x, router.proj.weight, router.scale, router.norm.eps).amax(-1) + 1e-5
+        clear = (top[:, K - 1] - top[:, K]) > 2 * bound
+        assert clear.float().mean() > 0.8
+        assert torch.equal(i1[clear], i0[clear])
+        torch.testing.assert_close(w1[clear], w0[clear], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(p1, p0, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(patched, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_transformers_fused_router_falls_back_in_training(hf, model, gen, route_calls):
+    """Where autograd needs the router's gradients, fuse_router=True routes through route() (which has a
+    backward): the training step matches the unpatched model's."""
+    _, adapter = hf
+    model.train()
+    input_ids = torch.randint(0, 256, (2, 9), generator=gen)
+    loss0, grads0 = _training_step(model, input_ids)
+    with adapter.patch_gemma4(model, fuse_router=True):
+        loss1, grads1 = _training_step(model, input_ids)
+    assert len(route_calls) == len(_routers(model))
+    torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=0)
+    for name, reference in grads0.items():
+        error = float((grads1[name] - reference).abs().max()) / max(float(reference.abs().max()), 1e-30)
+        assert error <= 1e-5, f"{name}: gradient differs by {error:.2e} relative"
+    with pytest.raises(TypeError, match="fuse_router must be a bool"):
+        adapter.patch_gemma4(model, fuse_router=1)

@@ -25,6 +25,11 @@ are the softmax over the K chosen logits, which equals the renormalised probabil
   model, so every parameter gets the unpatched model's gradient (to float32 rounding).
 - ``torch.compile(model)`` traces through the patched routers without a graph break (``route()`` is
   an operator under tracing; see ``g4route/op.py``).
+
+``patch_gemma4(model, fuse_router=True)`` goes further for inference: each router becomes one
+``g4route.router`` call (the norm, the scale, the projection and the routing in one kernel on a GPU;
+``H ** -0.5`` is Gemma 4's ``scalar_root_size``). Training falls back to the forward above, call by call,
+wherever autograd needs the router's gradients.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from collections.abc import Callable
 import torch
 
 from ..api import route
+from ..router import router as fused_router
 
 __all__ = ["Gemma4Patch", "patch_gemma4"]
 
@@ -84,6 +90,31 @@ def _g4route_forward(router: torch.nn.Module, probabilities: bool) -> Callable:
     return forward
 
 
+def _fused_forward(router: torch.nn.Module, probabilities: bool) -> Callable:
+    """The forward of ``fuse_router=True``: the whole router (norm, scale, projection, routing) in one
+    ``g4route.router`` call where nothing needs its gradient, and :func:`_g4route_forward` otherwise (the
+    fused router has no backward) or where the projection's dtype is not the hidden states' (autocast)."""
+    topk = int(router.config.top_k_experts)
+    unfused = _g4route_forward(router, probabilities)
+    params = (router.proj.weight, router.scale, router.per_expert_scale)
+
+    def forward(hidden_states: torch.Tensor):
+        weight = router.proj.weight
+        if (weight.dtype != hidden_states.dtype or router.proj.bias is not None
+                or (torch.is_grad_enabled() and (hidden_states.requires_grad or any(p.requires_grad for p in params)))):
+            return unfused(hidden_states)
+        weights, ids, *logits = fused_router(hidden_states, weight, topk, scale=router.scale,
+                                             per_expert_scale=router.per_expert_scale, eps=float(router.norm.eps),
+                                             return_logits=probabilities)
+        if router.per_expert_scale.dtype == torch.float64:
+            weights = weights.double()
+        router_probabilities = torch.softmax(logits[0], dim=-1) if probabilities else None
+        return router_probabilities, weights, ids.long()
+
+    forward._g4route_patched = True
+    return forward
+
+
 _MISSING = object()
 
 
@@ -123,7 +154,8 @@ class Gemma4Patch:
         return f"<Gemma4Patch: {len(self.routers)} routers through g4route, {state}>"
 
 
-def patch_gemma4(model: torch.nn.Module, *, router_probabilities: bool = True) -> Gemma4Patch:
+def patch_gemma4(model: torch.nn.Module, *, router_probabilities: bool = True,
+                 fuse_router: bool = False) -> Gemma4Patch:
     """Route every Gemma 4 MoE router of ``model`` through ``g4route.route``; returns the undo handle.
 
     Args:
@@ -133,6 +165,14 @@ def patch_gemma4(model: torch.nn.Module, *, router_probabilities: bool = True) -
             router returns first, so ``output_router_logits=True`` records what it did before.
             ``False`` returns ``None`` in its place and saves that ``[T, E]`` softmax on every layer
             (the decoder layer itself discards it); ``router_logits`` are then not recorded.
+        fuse_router: ``True`` runs each router whole (its norm, scale, projection and routing) as one
+            ``g4route.router`` call: one kernel on a GPU, the float32 logits never written unless
+            ``router_probabilities`` needs them. Inference only: where autograd needs the router's
+            gradients (training), and where the projection's dtype is not the hidden states' (autocast),
+            that router call takes the unfused path (projection, then ``route()``), which has a backward.
+            The numbers differ from the unpatched bfloat16 router's by its roundings (``router.py``: the
+            fused router keeps float32 logits; Transformers rounds the normed hidden state and the
+            logits to bfloat16), so expert choices can differ where the K-th place is close.
 
     Returns:
         A ``Gemma4Patch``: ``handle.undo()``, or use it as a context manager
@@ -158,6 +198,8 @@ def patch_gemma4(model: torch.nn.Module, *, router_probabilities: bool = True) -
                             "router differs from the one g4route.adapters.transformers was written for")
         if getattr(router.__dict__.get("forward"), "_g4route_patched", False):
             raise ValueError("this model's Gemma 4 routers are already patched by g4route (undo that first)")
+    if not isinstance(fuse_router, bool):
+        raise TypeError(f"fuse_router must be a bool, got {type(fuse_router).__name__}")
     if not _softmax_in_float32() and any(r.proj.weight.dtype != torch.float32 for r in routers):
         warnings.warn(
             "this transformers version computes Gemma 4's routing softmax in the model's dtype "
@@ -169,7 +211,7 @@ def patch_gemma4(model: torch.nn.Module, *, router_probabilities: bool = True) -
     saved, installed = [], []
     for router in routers:
         saved.append(router.__dict__.get("forward", _MISSING))
-        forward = _g4route_forward(router, router_probabilities)
+        forward = (_fused_forward if fuse_router else _g4route_forward)(router, router_probabilities)
         router.forward = forward
         installed.append(forward)
     return Gemma4Patch(routers, saved, installed)
