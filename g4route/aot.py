@@ -41,8 +41,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import backward, configs, kernel
+from . import backward, configs, kernel, router_kernel
 from .kernel import LaunchConfig
+from .router_kernel import RouterConfig
 
 EXPERTS = 128  # Gemma 4 26B-A4B
 TOPK = 8
@@ -161,8 +162,10 @@ def specialize(arg, backend: str, specialize_value: bool = True, align: bool = T
         if backend == "hip" and _amd_buffer_ops() and arg.untyped_storage().nbytes() <= 2**31 - 1:
             attrs.append(["tt.pointer_range", 32])
         return kind, None, attrs
+    if isinstance(arg, float):  # the router's eps and H ** -0.5: never specialised
+        return "fp32", None, []
     if isinstance(arg, bool) or not isinstance(arg, int):
-        raise TypeError(f"unexpected runtime argument {arg!r}: the launcher passes tensors and integers")
+        raise TypeError(f"unexpected runtime argument {arg!r}: the launchers pass tensors, integers and floats")
     kind = "i32" if -(2**31) <= arg < 2**31 else "i64"
     if not specialize_value:
         return kind, None, []
@@ -454,6 +457,120 @@ def format_backward_table(rows: Sequence[BackwardRow]) -> str:
                      for line in lines)
 
 
+# ------------------------------------------------------------------------------------- the fused router
+
+ROUTER_HIDDEN = 2816  # Gemma 4 26B-A4B
+
+
+@dataclass
+class RouterRow:
+    """The fused router's kernels (the main one, and the second launch where the row splits the hidden
+    dimension) for one target, router row of the family its devices get, and dtype."""
+
+    target: str
+    family: str
+    bucket: str
+    tokens: int
+    dtype: str
+    config: RouterConfig
+    stats: Stats | None = None
+    reduce: Stats | None = None
+    error: str | None = None
+
+    @property
+    def spilled(self) -> bool:
+        return bool((self.stats and self.stats.spills) or (self.reduce and self.reduce.spills))
+
+
+def _router_ranges(family: configs.Family, table: configs.Table, dtype: torch.dtype):
+    rows = family.router or table.default.router
+    probe = configs.Family(family.name, (), rows, "")
+    return bucket_ranges(probe, dtype)
+
+
+def compile_router(tgt: Target, dtype: torch.dtype, config: RouterConfig, tokens: int, experts: int = EXPERTS,
+                   topk: int = TOPK, hidden: int = ROUTER_HIDDEN, ocloc_device: str | None = None) -> tuple:
+    """Compile the fused router for ``tgt`` as a call of ``tokens`` rows with ``config`` would: (main kernel's
+    stats, the second launch's stats or None)."""
+    import triton
+    from triton.compiler import ASTSource
+
+    meta = router_kernel.constexprs(dtype, hidden, experts, topk, config, True, True, False,
+                                    float32_dot=configs.load_table(tgt.table).float32_dot)
+    x = torch.empty(tokens, hidden, dtype=dtype, device="meta")
+    weight = torch.empty(experts, hidden, dtype=dtype, device="meta")
+    weights = torch.empty(tokens, topk, dtype=torch.float32, device="meta")
+    ids = torch.empty(tokens, topk, dtype=torch.int32, device="meta")
+    scale = torch.empty(experts, dtype=torch.float32, device="meta")
+    partials = squares = None
+    padded = -(-tokens // config.block_t) * config.block_t
+    if meta["SPLIT"] > 1:
+        partials = torch.empty(meta["SPLIT"], padded, meta["BLOCK_E"], dtype=torch.float32, device="meta")
+        squares = torch.empty(meta["SPLIT"], padded, dtype=torch.float32, device="meta")
+
+    def stats_of(fn, runtime, constexprs, num_warps, num_stages):
+        sig, constants, attrs = _specialised(fn, list(runtime), constexprs, tgt.backend, "{given}")
+        ck = triton.compile(ASTSource(fn, sig, constants, attrs), target=tgt.gpu_target(),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
+        if tgt.backend == "cuda":
+            return _nvidia(ck, tgt.arch, num_warps)
+        return _amd(ck, tgt.warp_size) if tgt.backend == "hip" else _xpu(ck, ocloc_device)
+
+    main = stats_of(router_kernel._compiled_kernel,
+                    router_kernel.runtime_args(x, weight, scale, weights, ids, None, partials, squares, 1e-6), meta,
+                    config.num_warps, config.num_stages)
+    second = None
+    if meta["SPLIT"] > 1:
+        second = stats_of(router_kernel._compiled_reduce,
+                          router_kernel.reduce_args(partials, squares, scale, weights, ids, None, hidden, experts,
+                                                    1e-6),
+                          router_kernel.reduce_constexprs(meta), 4, 1)
+    return main, second
+
+
+def compile_router_all(targets: Sequence[Target], experts: int = EXPERTS, topk: int = TOPK,
+                       ocloc_device: str | None = None) -> list[RouterRow]:
+    """Every router row of the family each target's devices get (the table's default family's rows where
+    that family has none), both dtypes."""
+    rows = []
+    for tgt in targets:
+        table = configs.load_table(tgt.table)
+        families = {table.family_for(names).name: table.family_for(names) for names in tgt.devices}
+        for family in families.values():
+            for dtype in DTYPES:
+                for low, high, bucket in _router_ranges(family, table, dtype):
+                    tokens = high if high is not None else max(low, 65536)
+                    row = RouterRow(tgt.name, family.name, _label(low, high), tokens, configs._DTYPE_NAMES[dtype],
+                                    bucket.config)
+                    try:
+                        row.stats, row.reduce = compile_router(tgt, dtype, bucket.config, tokens, experts, topk,
+                                                               ocloc_device=ocloc_device)
+                    except Exception as exc:  # a compile error is a result to report
+                        row.error = f"{type(exc).__name__}: {str(exc).strip()}"
+                    rows.append(row)
+    return rows
+
+
+def format_router_table(rows: Sequence[RouterRow]) -> str:
+    """The fused router's compiles: one line each (the second launch's registers and spills after a slash)."""
+    lines = [("target", "family", "T", "dtype", "block_t/h split warps stages", "regs", "spills", "smem",
+              "occupancy")]
+    for r in rows:
+        c = r.config
+        shape = f"{c.block_t}/{c.block_h} {c.split} {c.num_warps} {c.num_stages}"
+        if r.stats is None:
+            lines.append((r.target, r.family, r.bucket, r.dtype, shape, "ERROR", short_error(r.error or ""), "", ""))
+            continue
+        regs, spills = _cell(r.stats.registers), _cell(r.stats.spills)
+        if r.reduce is not None:
+            regs, spills = f"{regs}/{_cell(r.reduce.registers)}", f"{spills}/{_cell(r.reduce.spills)}"
+        lines.append((r.target, r.family, r.bucket, r.dtype, shape, regs, spills, str(r.stats.shared),
+                      r.stats.occupancy))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join("  " + "  ".join(col.ljust(w) for col, w in zip(line, widths, strict=True)).rstrip()
+                     for line in lines)
+
+
 # ------------------------------------------------------------------------------------- every tuned config
 
 
@@ -725,6 +842,16 @@ def main(argv: list[str] | None = None) -> int:
               f"E={args.experts}, K={args.topk}; rows/warps: rows a tile x tiles a program / warps):")
         print(format_backward_table(backward_rows))
         print(f"{len(backward_rows)} backward compiles in {time.perf_counter() - start:.1f} s: "
+              + ("all compiled, no spills" if not bad else f"{len(bad)} with a compile error or spills"))
+        ok = ok and not bad
+    start = time.perf_counter()
+    router_rows = compile_router_all(targets, args.experts, args.topk, args.ocloc_device)
+    if router_rows:
+        bad = [r for r in router_rows if r.error or r.spilled]
+        print(f"\nthe fused router (g4route.router; H={ROUTER_HIDDEN}, E={args.experts}, K={args.topk}; the router "
+              "rows of the family each target's devices get; regs/spills: main kernel/second launch of a split):")
+        print(format_router_table(router_rows))
+        print(f"{len(router_rows)} router compiles in {time.perf_counter() - start:.1f} s: "
               + ("all compiled, no spills" if not bad else f"{len(bad)} with a compile error or spills"))
         ok = ok and not bad
     return 0 if ok else 1
