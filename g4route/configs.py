@@ -82,6 +82,7 @@ class Table:
     default: Family
     source: str
     float32_dot: str = "tf32x3"  # the fused router's precision for float32 hidden states (FLOAT32_DOTS)
+    precise_norm: bool = True  # the fused router's norm: correctly rounded sqrt and division, or the hardware's
 
     def family_for(self, device_names: Sequence[str]) -> Family:
         """The first family matching any of ``device_names``, else the vendor default."""
@@ -176,7 +177,7 @@ def _parse_family(raw: dict, name: str, where: str) -> Family:
 def parse_table(text: str, source: str) -> Table:
     """Parse and check one table; errors name the file and the row."""
     raw = tomllib.loads(text)
-    unknown = set(raw) - {"vendor", "family", "default", "float32_dot"}
+    unknown = set(raw) - {"vendor", "family", "default", "float32_dot", "precise_norm"}
     if unknown:
         raise ValueError(f"{source}: unknown top-level keys {sorted(unknown)}")
     float32_dot = str(raw.get("float32_dot", "tf32x3"))
@@ -187,8 +188,11 @@ def parse_table(text: str, source: str) -> Table:
     )
     if "default" not in raw:
         raise ValueError(f"{source}: a [default] family is required")
+    precise_norm = raw.get("precise_norm", True)
+    if not isinstance(precise_norm, bool):
+        raise ValueError(f"{source}: precise_norm must be true or false, got {precise_norm!r}")
     return Table(str(raw.get("vendor", "")), families, _parse_family(raw["default"], "default", source), source,
-                 float32_dot)
+                 float32_dot, precise_norm)
 
 
 @functools.cache

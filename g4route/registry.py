@@ -81,9 +81,11 @@ class Backend:
             raise ValueError(f"backend {self.name!r} does not launch the kernel")
         return configs.load_table(self.table).router_config_for(_family(self.table, device), tokens, dtype)
 
-    def float32_dot(self) -> str:
-        """The fused router's tensor-core precision for float32 hidden states, from the vendor table."""
-        return "ieee" if self.table is None else configs.load_table(self.table).float32_dot
+    def router_options(self) -> dict:
+        """The fused router's vendor-wide choices from the table: ``float32_dot`` (the tensor cores' precision
+        for float32 hidden states) and ``precise_norm`` (correctly rounded sqrt and division in the norm)."""
+        table = configs.load_table(self.table)
+        return {"float32_dot": table.float32_dot, "precise_norm": table.precise_norm}
 
     def family_name(self, device: torch.device) -> str:
         return "-" if self.table is None else _family(self.table, device).name

@@ -248,7 +248,7 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, topk: int, norm_scale: torch
         return
     config = backend.router_config_for(hidden.device, rows.shape[0], hidden.dtype)
     router_kernel.launch(rows, folded_weight(weight, norm_scale), topk, scale, eps, renormalize, w_rows, id_rows,
-                         l_rows, config, interpret=backend.interpret, float32_dot=backend.float32_dot())
+                         l_rows, config, interpret=backend.interpret, **backend.router_options())
 
 
 def run_new(hidden: torch.Tensor, weight: torch.Tensor, topk: int, norm_scale: torch.Tensor | None,

@@ -74,6 +74,7 @@ def _router_kernel(
     WRITE_LOGITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDEN_DOT: tl.constexpr,
+    PRECISE_NORM: tl.constexpr,
 ):
     block = tl.program_id(0)
     part = tl.program_id(1)
@@ -122,7 +123,7 @@ def _router_kernel(
     if SPLIT == 1:
         _route_rows(acc, squares, rows, row_ok, experts, scale_ptr, weights_ptr, ids_ptr, logits_ptr, H, E,
                     stride_wt, stride_wk, stride_it, stride_ik, stride_lt, stride_le, eps, root_size,
-                    K, BLOCK_T, BLOCK_E, BLOCK_K, EVEN_E, HAS_SCALE, RENORMALIZE, WRITE_LOGITS)
+                    K, BLOCK_T, BLOCK_E, BLOCK_K, EVEN_E, HAS_SCALE, RENORMALIZE, WRITE_LOGITS, PRECISE_NORM)
     else:
         # Partials: products [SPLIT, T_padded, BLOCK_E] and sums of squares [SPLIT, T_padded], float32; only
         # the rows that exist are written (one of sixteen at T = 1). _reduce_kernel adds them and routes.
@@ -145,6 +146,7 @@ def _reduce_kernel(
     HAS_SCALE: tl.constexpr,
     RENORMALIZE: tl.constexpr,
     WRITE_LOGITS: tl.constexpr,
+    PRECISE_NORM: tl.constexpr,
 ):
     """The second launch of a split router: add the ``SPLIT`` partials of ``BLOCK_T`` rows in a fixed order
     (bitwise reproducible) and route them."""
@@ -160,17 +162,19 @@ def _reduce_kernel(
         squares += tl.load(squares_ptr + p * padded + rows, mask=row_ok, other=0.0)
     _route_rows(total, squares, rows, row_ok, experts, scale_ptr, weights_ptr, ids_ptr, logits_ptr, H, E, stride_wt,
                 stride_wk, stride_it, stride_ik, stride_lt, stride_le, eps, root_size, K, BLOCK_T, BLOCK_E, BLOCK_K,
-                EVEN_E, HAS_SCALE, RENORMALIZE, WRITE_LOGITS)
+                EVEN_E, HAS_SCALE, RENORMALIZE, WRITE_LOGITS, PRECISE_NORM)
 
 
 def _route_rows(acc, squares, rows, row_ok, experts, scale_ptr, weights_ptr, ids_ptr, logits_ptr, H, E,
                 stride_wt, stride_wk, stride_it, stride_ik, stride_lt, stride_le, eps, root_size,
                 K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
                 EVEN_E: tl.constexpr, HAS_SCALE: tl.constexpr, RENORMALIZE: tl.constexpr,
-                WRITE_LOGITS: tl.constexpr):
+                WRITE_LOGITS: tl.constexpr, PRECISE_NORM: tl.constexpr):
     """Norm-scale the accumulated products into float32 logits and route them (``route()``'s contract)."""
-    # Correctly rounded sqrt and division (not the approximate rsqrt): a few ulps fewer in the bound.
-    inv_rms = tl.div_rn(1.0, tl.sqrt_rn(squares / H + eps)) * root_size
+    if PRECISE_NORM:  # correctly rounded sqrt and division
+        inv_rms = tl.div_rn(1.0, tl.sqrt_rn(squares / H + eps)) * root_size
+    else:  # the hardware's approximations (a few ulps, inside the bound's 4 g): Intel's precise ones spill
+        inv_rms = (1.0 / tl.sqrt(squares / H + eps)) * root_size
     cols = experts[None, :]
     logits = acc * inv_rms[:, None]
     if not EVEN_E:
@@ -225,7 +229,8 @@ def dot_precision(dtype: torch.dtype, float32_dot: str = "tf32x3") -> str:
 
 
 def constexprs(dtype: torch.dtype, hidden: int, experts: int, topk: int, config: RouterConfig, has_scale: bool,
-               renormalize: bool, write_logits: bool, interpret: bool = False, float32_dot: str = "tf32x3") -> dict:
+               renormalize: bool, write_logits: bool, interpret: bool = False, float32_dot: str = "tf32x3",
+               precise_norm: bool = True) -> dict:
     """The kernel's compile-time arguments for one call shape (shared with the ahead-of-time compiles)."""
     # float32 tiles take the same bytes a pipeline stage as 16-bit ones (shared memory bounds the stages).
     block_h = max(16, config.block_h * 2 // dtype.itemsize)
@@ -249,6 +254,7 @@ def constexprs(dtype: torch.dtype, hidden: int, experts: int, topk: int, config:
         # The interpreter's dot is NumPy's float32 product whatever the precision asked.
         "DOT_PRECISION": "ieee" if interpret else dot_precision(dtype, float32_dot),
         "WIDEN_DOT": interpret and dtype == torch.bfloat16,
+        "PRECISE_NORM": precise_norm,
     }
 
 
@@ -284,13 +290,14 @@ def reduce_args(partials: torch.Tensor, squares: torch.Tensor, scale: torch.Tens
 
 def reduce_constexprs(meta: dict) -> dict:
     """The second launch's compile-time arguments, from the first's."""
-    keep = ("K", "BLOCK_E", "BLOCK_K", "SPLIT", "EVEN_E", "HAS_SCALE", "RENORMALIZE", "WRITE_LOGITS")
+    keep = ("K", "BLOCK_E", "BLOCK_K", "SPLIT", "EVEN_E", "HAS_SCALE", "RENORMALIZE", "WRITE_LOGITS", "PRECISE_NORM")
     return {"BLOCK_T": REDUCE_ROWS, **{k: meta[k] for k in keep}}
 
 
 def launch(hidden: torch.Tensor, weight: torch.Tensor, topk: int, scale: torch.Tensor | None, eps: float,
            renormalize: bool, weights: torch.Tensor, ids: torch.Tensor, logits: torch.Tensor | None,
-           config: RouterConfig, interpret: bool = False, float32_dot: str = "tf32x3") -> None:
+           config: RouterConfig, interpret: bool = False, float32_dot: str = "tf32x3",
+           precise_norm: bool = True) -> None:
     """Run the fused router on ``[T, H]`` hidden states and an ``[E, H]`` weight (the norm's scale folded in:
     ``router.folded_weight``), writing ``[T, K]`` weights
     and ids (and the ``[T, E]`` float32 logits where ``logits`` is given).
@@ -304,7 +311,7 @@ def launch(hidden: torch.Tensor, weight: torch.Tensor, topk: int, scale: torch.T
         return
     E = weight.shape[0]
     meta = constexprs(hidden.dtype, H, E, topk, config, scale is not None, renormalize, logits is not None, interpret,
-                      float32_dot)
+                      float32_dot, precise_norm)
     blocks = -(-T // config.block_t)
     partials = squares = None
     if meta["SPLIT"] > 1:
