@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from . import __version__, kernel, platforms, registry
+from . import __version__, kernel, platforms, registry, router_kernel
 
 INFO_TOKENS = (1, 64, 4096, 262144)
 
@@ -35,8 +35,8 @@ def cmd_info(args) -> int:
     print(f"PyTorch build: {build}; torch.cuda.is_available(): {facts.cuda_available}; XPU: {facts.xpu_note}")
     forced = os.environ.get(registry.ENV_VAR, "").strip()
     print(f"{registry.ENV_VAR}: {forced or '(unset: automatic choice)'}")
-    print(f"kernel limits: E <= {kernel.MAX_EXPERTS}, K <= {kernel.MAX_TOPK}; "
-          "larger shapes are routed by the torch reference")
+    print(f"kernel limits: E <= {kernel.MAX_EXPERTS}, K <= {kernel.MAX_TOPK} (router(): E <= "
+          f"{router_kernel.MAX_EXPERTS}, K <= {router_kernel.MAX_TOPK}); larger shapes go to the torch reference")
     print("\nbackends:")
     for b in registry.BACKENDS.values():
         reason = b.reason_unavailable(facts)
@@ -64,6 +64,14 @@ def cmd_info(args) -> int:
                 f"T={t}: {c.rows_per_program} rows/{c.num_warps} warps/{c.num_stages} stages"
                 + (f"/{c.lanes_per_row} lanes a row" if c.lanes_per_row else "")
                 for t in INFO_TOKENS for c in [backend.config_for(device, t, dtype)])
+            print(f"    {str(dtype).removeprefix('torch.'):<9} {cfgs}")
+        options = backend.router_options()
+        product = "NumPy's float32" if backend.interpret else options["float32_dot"]
+        print(f"    router() (block_t/block_h/split/warps/stages; float32 product {product}, "
+              f"{'correctly rounded' if options['precise_norm'] else 'hardware'} norm):")
+        for dtype in (torch.bfloat16, torch.float32):
+            cfgs = ", ".join(f"T={t}: {'/'.join(str(v) for v in backend.router_config_for(device, t, dtype))}"
+                             for t in INFO_TOKENS)
             print(f"    {str(dtype).removeprefix('torch.'):<9} {cfgs}")
     _print_engines()
     return 0
