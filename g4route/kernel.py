@@ -230,6 +230,14 @@ def _route_kernel(
         denom = tl.sum(num, axis=1)
     else:
         denom = tl.sum(tl.sum(tl.exp(x - row_max[:, None, None]), axis=1), axis=1)  # softmax over all E
+    _store_routing(num, denom, row_max, ids, rows, kk, out_ok, scale_ptr, weights_ptr, ids_ptr, stride_wt,
+                   stride_wk, stride_it, stride_ik, HAS_SCALE)
+
+
+def _store_routing(num, denom, row_max, ids, rows, kk, out_ok, scale_ptr, weights_ptr, ids_ptr, stride_wt,
+                   stride_wk, stride_it, stride_ik, HAS_SCALE: tl.constexpr):
+    """The end of every routing kernel (this one, and the fused router's): the weights from the chosen
+    logits' ``exp(x - row max)`` and their row sum, the per-expert scale, and one store of weights and ids."""
     weights = num * (1.0 / denom)[:, None]  # one division per row
     # A row whose best logit is -inf has no usable expert: weight 0, never NaN. (NaN and +inf
     # maxima keep their NaN weights, as torch.softmax gives.)
@@ -246,6 +254,7 @@ if triton is not None:
 
     _order_keys = triton.jit(_order_keys)
     _top_k = triton.jit(_top_k)
+    _store_routing = triton.jit(_store_routing)
     _compiled_kernel = triton.jit(_route_kernel)
     # The same source, run by Triton's CPU interpreter on CPU tensors (debugging and CPU CI).
     _interpreted_kernel = InterpretedFunction(_route_kernel)

@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 
 from . import kernel, launcher
-from .kernel import _order_keys, tl, triton
+from .kernel import _order_keys, _store_routing, tl, triton
 
 # Shapes the fused kernel takes; other calls go to the PyTorch reference (router.py).
 MAX_EXPERTS = 256  # the [BLOCK_T, E] float32 accumulator stays in registers
@@ -203,12 +203,8 @@ def _route_rows(acc, squares, rows, row_ok, experts, scale_ptr, weights_ptr, ids
         denom = tl.sum(num, axis=1)
     else:
         denom = tl.sum(tl.exp(logits - row_max[:, None]), axis=1)
-    weights = num * (1.0 / denom)[:, None]
-    weights = tl.where(row_max[:, None] == float("-inf"), 0.0, weights)
-    if HAS_SCALE:
-        weights = weights * tl.load(scale_ptr + ids, mask=out_ok, other=1.0).to(tl.float32)
-    tl.store(weights_ptr + rows[:, None] * stride_wt + kk * stride_wk, weights, mask=out_ok)
-    tl.store(ids_ptr + rows[:, None] * stride_it + kk * stride_ik, ids, mask=out_ok)
+    _store_routing(num, denom, row_max, ids, rows, kk, out_ok, scale_ptr, weights_ptr, ids_ptr, stride_wt,
+                   stride_wk, stride_it, stride_ik, HAS_SCALE)
 
 
 if triton is not None:
