@@ -126,7 +126,8 @@ def run_router_bench(device: torch.device, tokens: list[int], dtypes: list[torch
             inputs = [(torch.randn(t, hidden, device=device).to(dtype),
                        (torch.randn(num_experts, hidden, device=device) * hidden**-0.5).to(dtype))
                       for _ in range(copies)]
-            logits = [_projection(_scaled_hidden(x, scale, EPS), w) for x, w in inputs]
+            # The route() column's float32 logits (a GPU column only).
+            logits = [_projection(_scaled_hidden(x, scale, EPS), w) for x, w in inputs] if on_gpu else []
             out = (torch.empty(t, topk, device=device), torch.empty(t, topk, dtype=torch.int32, device=device))
             # Each copy stands for a layer: its weight is folded with the scale once, as a model's first call
             # does (router.folded_weight), not inside the timed graphs.

@@ -254,8 +254,14 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, topk: int, norm_scale: torch
 def run_new(hidden: torch.Tensor, weight: torch.Tensor, topk: int, norm_scale: torch.Tensor | None,
             scale: torch.Tensor | None, eps: float, renormalize: bool,
             return_logits: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`run` into fresh outputs; the logits are an empty tensor unless ``return_logits``."""
+    """:func:`run` into fresh outputs; the logits are an empty tensor unless ``return_logits``. The PyTorch
+    reference's own outputs are returned as they are, not copied into buffers allocated beforehand."""
     lead, E = hidden.shape[:-1], weight.shape[0]
+    if not _backend(hidden.device, E, topk).uses_kernel:
+        w, i, lg = router_torch(hidden.reshape(-1, hidden.shape[-1]), weight, topk, norm_scale, scale, eps,
+                                renormalize)
+        logits = lg.reshape(*lead, E) if return_logits else hidden.new_empty((0,), dtype=torch.float32)
+        return w.reshape(*lead, topk), i.reshape(*lead, topk), logits
     weights = hidden.new_empty((*lead, topk), dtype=torch.float32)
     ids = hidden.new_empty((*lead, topk), dtype=torch.int32)
     logits = hidden.new_empty((*lead, E) if return_logits else (0,), dtype=torch.float32)
