@@ -195,15 +195,18 @@ def backward_signature(backend: str, dtype: torch.dtype, tokens: int, experts: i
     """(signature, constexprs, attrs, config) of the backward kernel's compile for a training step's call:
     ``tokens`` contiguous rows of ``dtype`` logits, gradients of both the logits and the scale, the launch
     shape ``backward.config_for`` gives on a GPU."""
-    config = backward.config_for(tokens, experts, interpret=False)
+    saved = backward.from_weights(topk, experts, renormalize, interpret=False)
+    table = configs.load_table({"cuda": "cuda", "hip": "rocm"}.get(backend, "xpu"))
+    config = backward.config_for(tokens, experts, interpret=False, topk=topk if saved else 0,
+                                 one_hot=table.backward_one_hot)
     grid = -(-tokens // config.rows_per_program)
     logits = torch.empty(tokens, experts, dtype=dtype, device="meta")
     ids = torch.empty(tokens, topk, dtype=torch.int32, device="meta")
-    runtime = backward.runtime_args(torch.empty(tokens, topk, dtype=torch.float32, device="meta"), logits, ids,
-                                    torch.empty(experts, dtype=torch.float32, device="meta"),
+    pairs = torch.empty(tokens, topk, dtype=torch.float32, device="meta")
+    runtime = backward.runtime_args(pairs, logits, pairs, ids, torch.empty(experts, dtype=torch.float32, device="meta"),
                                     torch.empty(tokens, experts, dtype=dtype, device="meta"),
                                     torch.empty(grid, experts, dtype=torch.float32, device="meta"))
-    meta = backward.constexprs(topk, experts, config, True, renormalize, True, True)
+    meta = backward.constexprs(topk, experts, config, True, renormalize, True, True, saved)
     return (*_specialised(backward._compiled_kernel, list(runtime), meta, backend,
                           "backward.runtime_args gives {given}"), config)
 

@@ -16,19 +16,27 @@ none), ``g`` the incoming gradient of the weights ``[K]`` and ``a_k = g_k * s[id
   0. A row with a NaN (or a ``+inf``) logit has NaN weights and gets NaN gradients, as autograd of
   ``torch.softmax`` would give; it never raises.
 
-``q`` (or ``p``) is recomputed from the logits, not recovered from the saved weights: dividing the weights
-by the scale would fail wherever the scale is 0. The forward saves only the ids and keeps the logits (the
-input itself, which autograd holds anyway); no ``[T, E]`` float32 tensor is saved or made.
+What the backward reads
+-----------------------
+The forward saves its ``[T, K]`` weights and ids and keeps the logits (the input itself, which autograd
+holds anyway); no ``[T, E]`` float32 tensor is saved or made.
+
+- ``renormalize=True`` (Gemma 4), the common case: ``q_k = w_k / s[ids_k]`` from the saved weights, so a
+  row costs three ``[K]`` reads, a gather from the ``[E]`` scale and the ``[E]`` store, and no read of the
+  logits. The division is exact to a couple of float32 ulps wherever ``w_k`` is a normal float and
+  ``|s[ids_k]|`` lies in [2**-64, 2**64]. Rows outside that (a scale of 0, inf or NaN; weights of 0 or
+  subnormal, as masked and NaN rows have) gather their K chosen logits and take the softmax over them,
+  as the forward did: a masked load, so other rows read no logits. The row's largest logit is the chosen
+  one in column 0 (the forward orders the ids by descending logit), so NaN rows keep NaN and ``-inf``
+  rows are recognised exactly as the forward recognises them. The K results of a row land in their
+  columns through a ``[rows, K, E]`` one-hot compare, on one warp a program.
+- ``renormalize=False``, or a ``[K, E]`` one-hot too wide for registers: ``q`` (or ``p``) is recomputed
+  from the logits: per row the K chosen logits (a gather), and for ``renormalize=False`` the whole row.
 
 The kernel
 ----------
 A program takes ``SUB_BLOCKS`` tiles of ``BLOCK_T`` rows and writes each ``[BLOCK_T, E]`` gradient tile
-once, in the logits' dtype (zeros outside the chosen K for ``renormalize=True``), with float32 math. Per
-row it reads the K
-ids, the K incoming gradients, the K chosen logits (a gather from the logits' rows) and, for
-``renormalize=False``, the whole row. The row's largest logit is the chosen one in column 0 (the forward
-orders the ids by descending logit), so NaN rows keep NaN and ``-inf`` rows are recognised exactly as the
-forward recognises them.
+once, in the logits' dtype (zeros outside the chosen K for ``renormalize=True``), with float32 math.
 
 The scale's gradient is reduced deterministically: each program writes its ``[E]`` partial sum (a fixed
 reduction order within the program) to its own row of a ``[programs, E]`` float32 buffer, and
@@ -44,12 +52,22 @@ import torch
 from . import kernel, launcher
 from .kernel import tl, triton
 
-# A GPU program's tile: about this many logits (one row at E = 128, on one warp), and this many rows per
+# The launch shape of the path that recomputes from the logits (renormalize=False, and wide K x E): a GPU
+# program's tile of about this many logits (one row at E = 128, on one warp), and this many rows per
 # program in all (the scale's partial sums: [T / rows, E] float32). Chosen by a sweep on an H200
 # (BENCHMARKS.md, "the backward's launch shape"): the kernel waits on its gathers, so many small programs
 # keep more of them in flight; 512 logits and 64 rows, the first guess, took 2.2x as long at 262,144 tokens.
 _GPU_TILE_ELEMENTS = 128
 _GPU_ROWS_PER_PROGRAM = 16
+# The path from the forward's weights (renormalize=True): one warp a program, tiles of about
+# ``backward_one_hot`` [rows, K, E] one-hot elements (a vendor's table, backends/*.toml: 4,096 on NVIDIA,
+# 4 rows at K = 8, E = 128; 1,024 on AMD and Intel, where larger tiles spilled in ahead-of-time compiles),
+# this many rows a program. From a sweep on an H100 (BENCHMARKS.md, "the backward from the saved
+# weights"): more warps or rows a program cost registers (the one-hot tile is held whole) and went 1.5-10x
+# slower. Past _WEIGHTS_MAX_ONE_HOT elements a row (wide K x E) the one-hot tile would not fit in
+# registers, and the path from the logits is used instead.
+_GPU_WEIGHTS_ROWS_PER_PROGRAM = 32
+_WEIGHTS_MAX_ONE_HOT = 4096
 
 
 class BackwardConfig(NamedTuple):
@@ -64,20 +82,33 @@ class BackwardConfig(NamedTuple):
         return self.block_rows * self.sub_blocks
 
 
-def config_for(tokens: int, num_experts: int, interpret: bool) -> BackwardConfig:
-    """A simple default, not a tuned table. On a GPU: tiles of about ``_GPU_TILE_ELEMENTS`` logits (wider
-    rows: one row), four elements a lane (larger tiles made the compiler keep every per-row value of the
-    K steps in registers and spill; ahead-of-time compiles for sm_90 show no spill for K <= 8),
-    ``_GPU_ROWS_PER_PROGRAM`` rows a program where there are that many.
+def config_for(tokens: int, num_experts: int, interpret: bool, topk: int = 0, one_hot: int = 4096) -> BackwardConfig:
+    """A simple default, not a tuned table. ``topk`` > 0: the launch of the path from the forward's weights
+    (one warp; ``[rows, K, E]`` one-hot tiles of about ``one_hot`` elements;
+    ``_GPU_WEIGHTS_ROWS_PER_PROGRAM`` rows a program). Otherwise, for the path from the logits: tiles of
+    about ``_GPU_TILE_ELEMENTS`` logits (wider rows: one row), four elements a lane (larger tiles made the
+    compiler keep every per-row value of the K steps in registers and spill; ahead-of-time compiles for
+    sm_90 show no spill for K <= 8), ``_GPU_ROWS_PER_PROGRAM`` rows a program where there are that many.
     The interpreter runs programs one after another, so it gets one tile as large as
     ``kernel.MAX_TILE_ELEMENTS`` allows."""
     block_e = triton.next_power_of_2(num_experts)
     wanted = triton.next_power_of_2(max(tokens, 1))
     if interpret:
         return BackwardConfig(max(1, min(wanted, kernel.MAX_TILE_ELEMENTS // block_e)), 1, 1)
+    if topk:
+        block_rows = max(1, min(wanted, one_hot // (block_e * triton.next_power_of_2(topk))))
+        return BackwardConfig(block_rows, max(1, min(wanted, _GPU_WEIGHTS_ROWS_PER_PROGRAM) // block_rows), 1)
     block_rows = max(1, min(wanted, _GPU_TILE_ELEMENTS // block_e))
     sub_blocks = max(1, min(wanted, _GPU_ROWS_PER_PROGRAM) // block_rows)
     return BackwardConfig(block_rows, sub_blocks, max(1, min(16, block_rows * block_e // 128)))
+
+
+def from_weights(topk: int, num_experts: int, renormalize: bool, interpret: bool) -> bool:
+    """Whether the kernel takes the path from the forward's weights: ``renormalize=True`` (with False every
+    column has a gradient and the whole row is read anyway), and a one-hot ``[K, E]`` a row that fits in
+    registers (any size under the interpreter)."""
+    one_hot = triton.next_power_of_2(topk) * triton.next_power_of_2(num_experts)
+    return renormalize and (interpret or one_hot <= _WEIGHTS_MAX_ONE_HOT)
 
 
 def _tile_gradients(grad_w_ptr, logits_ptr, ids_ptr, scale_ptr, rows, row_ok, cols, E, stride_gt, stride_gk,
@@ -85,7 +116,8 @@ def _tile_gradients(grad_w_ptr, logits_ptr, ids_ptr, scale_ptr, rows, row_ok, co
                     BLOCK_E: tl.constexpr, HAS_SCALE: tl.constexpr, RENORMALIZE: tl.constexpr,
                     LOGITS_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr):
     """``[BLOCK_T, BLOCK_E]`` tiles of the logits' gradient and of the scale-gradient terms (``g_k q_k`` at
-    ``ids_k``) for the rows ``rows``."""
+    ``ids_k``) for the rows ``rows``, with ``q`` recomputed from the logits (a gather of the K chosen
+    logits a row, or the whole row for ``renormalize=False``)."""
     logits_row = logits_ptr + rows * stride_lt
     ids_row = ids_ptr + rows * stride_it
     grad_row = grad_w_ptr + rows * stride_gt
@@ -160,9 +192,55 @@ def _tile_gradients(grad_w_ptr, logits_ptr, ids_ptr, scale_ptr, rows, row_ok, co
     return d_logits, d_scale
 
 
+def _rows_from_weights(grad_w_ptr, logits_ptr, weights_ptr, ids_ptr, scale_ptr, rows, row_ok, cols, stride_gt,
+                       stride_gk, stride_lt, stride_le, stride_wt, stride_wk, stride_it, stride_ik, K: tl.constexpr,
+                       BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_GRAD: tl.constexpr):
+    """``renormalize=True`` from the forward's weights: the ``[rows, BLOCK_E]`` gradient tile of the logits
+    and the ``[BLOCK_E]`` sum of the scale-gradient terms over these rows.
+
+    All the arithmetic is on ``[rows, K]`` tiles (three coalesced loads and a gather from the ``[E]`` scale);
+    only the last step spreads the K results a row over its E columns. ``q_k = w_k / s_k`` (exact to a
+    couple of float32 ulps wherever ``w_k`` is a normal float and ``|s_k|`` lies in [2**-64, 2**64]); a row
+    with a weight or scale outside that (a scale of 0, inf or NaN; a weight of 0 or subnormal, which
+    masked and NaN rows have) gathers its K chosen logits and takes the softmax over them instead: a
+    masked load, so rows that need no logits read none. Without a scale ``q = w`` exactly."""
+    kk = tl.arange(0, BLOCK_K)
+    ok = row_ok[:, None] & (kk < K)[None, :]
+    ids = tl.load(ids_ptr + rows[:, None] * stride_it + kk[None, :] * stride_ik, mask=ok, other=-1)
+    g = tl.load(grad_w_ptr + rows[:, None] * stride_gt + kk[None, :] * stride_gk, mask=ok, other=0.0)
+    w = tl.load(weights_ptr + rows[:, None] * stride_wt + kk[None, :] * stride_wk, mask=ok, other=0.0)
+    q = w
+    a = g
+    if HAS_SCALE:
+        s = tl.load(scale_ptr + ids, mask=ok, other=1.0).to(tl.float32)
+        a = g * s
+        q = w / s
+        safe = (tl.abs(w) >= 1.1754943508222875e-38) & (tl.abs(s) >= 5.421010862427522e-20) & \
+            (tl.abs(s) <= 1.8446744073709552e19)
+        inexact = tl.max((ok & ~safe).to(tl.int32), axis=1) > 0
+        # The softmax over the K chosen logits, for those rows only. Column 0 holds the row's largest
+        # logit (NaN first): -inf there is a masked row, whose weights (and gradient) are 0.
+        z = tl.load(logits_ptr + rows[:, None] * stride_lt + ids * stride_le, mask=ok & inexact[:, None],
+                    other=float("-inf")).to(tl.float32)
+        top = tl.sum(tl.where(kk[None, :] == 0, z, 0.0), axis=1)
+        masked = top == float("-inf")
+        e = tl.exp(z - tl.where(masked, 0.0, top)[:, None])
+        exact = tl.where(masked[:, None], 0.0, e / tl.sum(e, axis=1)[:, None])
+        q = tl.where(inexact[:, None], exact, q)
+    # q_k (a_k - sum_j q_j a_j), at the K chosen; every other column's gradient is 0.
+    d = q * (a - tl.sum(q * a, axis=1)[:, None])
+    hit = ids[:, :, None] == cols[None, None, :]  # [rows, K, E]: a row's ids are distinct
+    d_logits = tl.sum(tl.where(hit, d[:, :, None], 0.0), axis=1)
+    d_scale = tl.zeros_like(cols).to(tl.float32)
+    if SCALE_GRAD:
+        d_scale = tl.sum(tl.sum(tl.where(hit, (g * q)[:, :, None], 0.0), axis=1), axis=0)
+    return d_logits, d_scale
+
+
 def _route_backward_kernel(
     grad_w_ptr,
     logits_ptr,
+    weights_ptr,
     ids_ptr,
     scale_ptr,
     grad_logits_ptr,
@@ -173,16 +251,20 @@ def _route_backward_kernel(
     stride_gk,
     stride_lt,
     stride_le,
+    stride_wt,
+    stride_wk,
     stride_it,
     stride_ik,
     K: tl.constexpr,
     BLOCK_T: tl.constexpr,
     SUB_BLOCKS: tl.constexpr,
     BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     RENORMALIZE: tl.constexpr,
     LOGITS_GRAD: tl.constexpr,
     SCALE_GRAD: tl.constexpr,
+    SAVED_WEIGHTS: tl.constexpr,
 ):
     # A program takes SUB_BLOCKS tiles of BLOCK_T rows one after another: small tiles keep the per-row
     # values in few registers, several of them per program keep the scale's partial sums few.
@@ -192,15 +274,23 @@ def _route_backward_kernel(
     for sub in range(SUB_BLOCKS):
         rows = (pid.to(tl.int64) * SUB_BLOCKS + sub) * BLOCK_T + tl.arange(0, BLOCK_T)  # 64-bit: T * E > 2**31
         row_ok = rows < T
-        d_logits, d_scale = _tile_gradients(grad_w_ptr, logits_ptr, ids_ptr, scale_ptr, rows, row_ok, cols, E,
-                                            stride_gt, stride_gk, stride_lt, stride_le, stride_it, stride_ik, K,
-                                            BLOCK_T, BLOCK_E, HAS_SCALE, RENORMALIZE, LOGITS_GRAD, SCALE_GRAD)
+        if SAVED_WEIGHTS:
+            d_logits, d_part = _rows_from_weights(grad_w_ptr, logits_ptr, weights_ptr, ids_ptr, scale_ptr, rows,
+                                                  row_ok, cols, stride_gt, stride_gk, stride_lt, stride_le,
+                                                  stride_wt, stride_wk, stride_it, stride_ik, K, BLOCK_K,
+                                                  HAS_SCALE, SCALE_GRAD)
+            if SCALE_GRAD:
+                scale_sum += d_part
+        else:
+            d_logits, d_scale = _tile_gradients(grad_w_ptr, logits_ptr, ids_ptr, scale_ptr, rows, row_ok, cols, E,
+                                                stride_gt, stride_gk, stride_lt, stride_le, stride_it, stride_ik, K,
+                                                BLOCK_T, BLOCK_E, HAS_SCALE, RENORMALIZE, LOGITS_GRAD, SCALE_GRAD)
+            if SCALE_GRAD:
+                scale_sum += tl.sum(d_scale, axis=0)
         if LOGITS_GRAD:
             # Written once, every column (zeros included), in the logits' dtype (the store converts).
             out = grad_logits_ptr + rows[:, None] * E + cols[None, :]
             tl.store(out, d_logits, mask=row_ok[:, None] & (cols[None, :] < E))
-        if SCALE_GRAD:
-            scale_sum += tl.sum(d_scale, axis=0)
     if SCALE_GRAD:
         # This program's partial sum, in its own row of the [programs, E] buffer: no atomics.
         tl.store(grad_scale_ptr + pid.to(tl.int64) * E + cols, scale_sum, mask=cols < E)
@@ -210,43 +300,54 @@ if triton is not None:
     from triton.runtime.interpreter import InterpretedFunction
 
     _tile_gradients = triton.jit(_tile_gradients)
+    _rows_from_weights = triton.jit(_rows_from_weights)
     _compiled_kernel = triton.jit(_route_backward_kernel)
     _interpreted_kernel = InterpretedFunction(_route_backward_kernel)
 
 
-def runtime_args(grad_weights: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, scale: torch.Tensor | None,
-                 grad_logits: torch.Tensor | None, partials: torch.Tensor | None) -> tuple:
+def runtime_args(grad_weights: torch.Tensor, logits: torch.Tensor, weights: torch.Tensor | None, ids: torch.Tensor,
+                 scale: torch.Tensor | None, grad_logits: torch.Tensor | None,
+                 partials: torch.Tensor | None) -> tuple:
     """The backward kernel's runtime arguments, in its parameter order (also what ``aot.py`` compiles
-    for). Pointers never read (their constexpr flag is off) stand in as the logits."""
+    for). Pointers never read (their constexpr flag is off) stand in as the logits, and the gradient of
+    the weights for missing weights."""
     T, E = logits.shape
-    return (grad_weights, logits, ids, logits if scale is None else scale,
+    saved = grad_weights if weights is None else weights
+    return (grad_weights, logits, saved, ids, logits if scale is None else scale,
             logits if grad_logits is None else grad_logits, logits if partials is None else partials,
-            T, E, *grad_weights.stride(), *logits.stride(), *ids.stride())
+            T, E, *grad_weights.stride(), *logits.stride(), *saved.stride(), *ids.stride())
 
 
 def constexprs(topk: int, num_experts: int, config: BackwardConfig, has_scale: bool, renormalize: bool,
-               logits_grad: bool, scale_grad: bool) -> dict:
-    """The backward kernel's compile-time arguments for one call shape (also used by ``aot.py``)."""
+               logits_grad: bool, scale_grad: bool, saved_weights: bool) -> dict:
+    """The backward kernel's compile-time arguments for one call shape (also used by ``aot.py``).
+    ``saved_weights``: the forward's weights are passed (used for ``renormalize=True`` only)."""
     return {"K": topk, "BLOCK_T": config.block_rows, "SUB_BLOCKS": config.sub_blocks,
-            "BLOCK_E": triton.next_power_of_2(num_experts), "HAS_SCALE": has_scale,
-            "RENORMALIZE": renormalize, "LOGITS_GRAD": logits_grad, "SCALE_GRAD": scale_grad}
+            "BLOCK_E": triton.next_power_of_2(num_experts), "BLOCK_K": triton.next_power_of_2(topk),
+            "HAS_SCALE": has_scale,
+            "RENORMALIZE": renormalize, "LOGITS_GRAD": logits_grad, "SCALE_GRAD": scale_grad,
+            "SAVED_WEIGHTS": saved_weights and renormalize}
 
 
 def launch(
     grad_weights: torch.Tensor,
     logits: torch.Tensor,
+    weights: torch.Tensor | None,
     ids: torch.Tensor,
     scale: torch.Tensor | None,
     renormalize: bool,
     logits_grad: bool,
     scale_grad: bool,
     interpret: bool = False,
+    one_hot: int = 4096,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The gradients of ``route()`` for 2-D ``[T, E]`` logits, ``[T, K]`` ids (the forward's, ordered by
-    descending logit) and ``[T, K]`` float32 ``grad_weights``: ``(grad_logits, grad_scale)``, each ``None``
+    """The gradients of ``route()`` for 2-D ``[T, E]`` logits, ``[T, K]`` ids and weights (the forward's
+    outputs, ids ordered by descending logit; ``weights`` may be ``None``: the softmax is then recomputed
+    from the logits) and ``[T, K]`` float32 ``grad_weights``: ``(grad_logits, grad_scale)``, each ``None``
     where not asked for. ``grad_logits`` is ``[T, E]``, contiguous, in the logits' dtype; ``grad_scale`` is
     ``[E]`` float32 (the caller casts it to the scale's dtype). One kernel launch, then for the scale one
-    ``torch.sum`` over the programs' partial sums."""
+    ``torch.sum`` over the programs' partial sums. ``one_hot``: the vendor's tile size for the path from
+    the weights (``backward_one_hot`` in ``backends/*.toml``)."""
     if triton is None:
         raise RuntimeError(f"the Triton kernel needs the triton package ({kernel.TRITON_IMPORT_ERROR})")
     T, E = logits.shape
@@ -254,11 +355,12 @@ def launch(
     grad_logits = torch.empty(T, E, dtype=logits.dtype, device=logits.device) if logits_grad else None
     if T == 0:
         return grad_logits, torch.zeros(E, dtype=torch.float32, device=logits.device) if scale_grad else None
-    config = config_for(T, E, interpret)
+    saved = weights is not None and from_weights(K, E, renormalize, interpret)
+    config = config_for(T, E, interpret, K if saved else 0, one_hot)
     grid = -(-T // config.rows_per_program)
     partials = torch.empty(grid, E, dtype=torch.float32, device=logits.device) if scale_grad else None
-    args = runtime_args(grad_weights, logits, ids, scale, grad_logits, partials)
-    meta = constexprs(K, E, config, scale is not None, renormalize, logits_grad, scale_grad)
+    args = runtime_args(grad_weights, logits, weights if saved else None, ids, scale, grad_logits, partials)
+    meta = constexprs(K, E, config, scale is not None, renormalize, logits_grad, scale_grad, saved)
     if interpret:
         with kernel.interpreting():
             _interpreted_kernel[(grid,)](*args, num_warps=config.num_warps, **meta)
@@ -275,6 +377,7 @@ def launch(
 def reference_backward(
     grad_weights: torch.Tensor,
     logits: torch.Tensor,
+    weights: torch.Tensor | None,
     ids: torch.Tensor,
     scale: torch.Tensor | None,
     renormalize: bool,
@@ -290,8 +393,10 @@ def reference_backward(
     ``renormalize``, ``dlogits[ids] = p * (g - sum(p * g))`` and zero elsewhere; otherwise ``dlogits =
     scatter(ids, p * g) - softmax(logits) * sum(p * g)``; ``dscale[e]`` sums ``grad_weights * p`` over the
     places that chose ``e``. A row whose every logit is ``-inf`` has constant weights 0 and gets 0; a NaN
-    row gets NaN, as the forward's weights are NaN there.
+    row gets NaN, as the forward's weights are NaN there. ``weights`` (the forward's) is not read: the
+    softmax is recomputed here, at no extra cost on a CPU.
     """
+    del weights  # the kernel's shortcut; the reference recomputes (same interface)
     x = logits.float()
     ids = ids.long()
     g = grad_weights.float()

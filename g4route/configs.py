@@ -83,6 +83,7 @@ class Table:
     source: str
     float32_dot: str = "tf32x3"  # the fused router's precision for float32 hidden states (FLOAT32_DOTS)
     precise_norm: bool = True  # the fused router's norm: correctly rounded sqrt and division, or the hardware's
+    backward_one_hot: int = 4096  # the backward's [rows, K, E] one-hot elements a tile (backward.config_for)
 
     def family_for(self, device_names: Sequence[str]) -> Family:
         """The first family matching any of ``device_names``, else the vendor default."""
@@ -177,7 +178,7 @@ def _parse_family(raw: dict, name: str, where: str) -> Family:
 def parse_table(text: str, source: str) -> Table:
     """Parse and check one table; errors name the file and the row."""
     raw = tomllib.loads(text)
-    unknown = set(raw) - {"vendor", "family", "default", "float32_dot", "precise_norm"}
+    unknown = set(raw) - {"vendor", "family", "default", "float32_dot", "precise_norm", "backward_one_hot"}
     if unknown:
         raise ValueError(f"{source}: unknown top-level keys {sorted(unknown)}")
     float32_dot = str(raw.get("float32_dot", "tf32x3"))
@@ -191,8 +192,11 @@ def parse_table(text: str, source: str) -> Table:
     precise_norm = raw.get("precise_norm", True)
     if not isinstance(precise_norm, bool):
         raise ValueError(f"{source}: precise_norm must be true or false, got {precise_norm!r}")
+    one_hot = raw.get("backward_one_hot", 4096)
+    if isinstance(one_hot, bool) or not isinstance(one_hot, int) or one_hot < 1 or one_hot & (one_hot - 1):
+        raise ValueError(f"{source}: backward_one_hot must be a power of two, got {one_hot!r}")
     return Table(str(raw.get("vendor", "")), families, _parse_family(raw["default"], "default", source), source,
-                 float32_dot, precise_norm)
+                 float32_dot, precise_norm, one_hot)
 
 
 @functools.cache

@@ -57,7 +57,7 @@ _LIB.define(
     tags=_TAGS,
 )
 _LIB.define(
-    "route_backward(Tensor grad_weights, Tensor gating_output, Tensor ids, Tensor? per_expert_scale, "
+    "route_backward(Tensor grad_weights, Tensor gating_output, Tensor weights, Tensor ids, Tensor? per_expert_scale, "
     "bool renormalize, bool logits_grad, bool scale_grad) -> (Tensor, Tensor)",
     tags=_TAGS,
 )
@@ -124,6 +124,7 @@ def _route_out_fake(gating_output, topk, per_expert_scale, renormalize, weights,
 def backward(
     grad_weights: torch.Tensor,
     logits: torch.Tensor,
+    weights: torch.Tensor,
     ids: torch.Tensor,
     scale: torch.Tensor | None,
     renormalize: bool,
@@ -131,19 +132,22 @@ def backward(
     scale_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradients of :func:`run` w.r.t. the ``[..., E]`` logits (their shape and dtype) and the scale
-    (its dtype), from the ``[..., K]`` gradient of the weights and the ids the forward chose. A gradient
+    (its dtype), from the ``[..., K]`` gradient of the weights and the weights and ids the forward wrote. A gradient
     not asked for comes back as an empty tensor (the operator's schema has no optional outputs)."""
     num_experts, topk = logits.shape[-1], ids.shape[-1]
     backend = registry.select(logits.device, num_experts, topk)
     rows = logits if logits.dim() == 2 else logits.reshape(-1, num_experts)
     g_rows = grad_weights if grad_weights.dim() == 2 else grad_weights.reshape(-1, topk)
     id_rows = ids if ids.dim() == 2 else ids.reshape(-1, topk)
-    grad_logits, grad_scale = backend.backward(g_rows, rows, id_rows, scale, renormalize, logits_grad, scale_grad)
+    w_rows = weights if weights.dim() == 2 else weights.reshape(-1, topk)
+    grad_logits, grad_scale = backend.backward(g_rows, rows, w_rows, id_rows, scale, renormalize, logits_grad,
+                                               scale_grad)
     return (logits.new_empty(0) if grad_logits is None else grad_logits.view(logits.shape),
             logits.new_empty(0) if grad_scale is None else grad_scale.to(scale.dtype))
 
 
-def _route_backward_fake(grad_weights, gating_output, ids, per_expert_scale, renormalize, logits_grad, scale_grad):
+def _route_backward_fake(grad_weights, gating_output, weights, ids, per_expert_scale, renormalize, logits_grad,
+                         scale_grad):
     return (gating_output.new_empty(gating_output.shape) if logits_grad else gating_output.new_empty(0),
             per_expert_scale.new_empty(per_expert_scale.shape) if scale_grad else gating_output.new_empty(0))
 
@@ -151,16 +155,18 @@ def _route_backward_fake(grad_weights, gating_output, ids, per_expert_scale, ren
 def _setup_context(ctx, inputs, output):
     gating_output, _, per_expert_scale, renormalize = inputs
     ctx.renormalize = renormalize
-    # The logits are the input itself (autograd keeps it alive anyway) and the ids are [..., K]: no
-    # [T, E] float32 tensor is saved. The weights are not needed: the backward recomputes the softmax.
-    ctx.save_for_backward(gating_output, output[1], per_expert_scale)
+    # The logits are the input itself (autograd keeps it alive anyway); the weights and ids are [..., K]:
+    # no [T, E] float32 tensor is saved. With the weights the kernel's backward reads no logits in the
+    # common case (backward.py); as for torch.softmax, changing them in place before the backward is an
+    # error autograd reports.
+    ctx.save_for_backward(gating_output, output[0], output[1], per_expert_scale)
 
 
 def _route_autograd_backward(ctx, grad_weights, _grad_ids):
-    logits, ids, scale = ctx.saved_tensors
+    logits, weights, ids, scale = ctx.saved_tensors
     logits_grad, _, scale_grad, _ = ctx.needs_input_grad
-    grad_logits, grad_scale = ROUTE_BACKWARD(grad_weights, logits, ids, scale, ctx.renormalize, logits_grad,
-                                             scale_grad)
+    grad_logits, grad_scale = ROUTE_BACKWARD(grad_weights, logits, weights, ids, scale, ctx.renormalize,
+                                             logits_grad, scale_grad)
     return grad_logits if logits_grad else None, None, grad_scale if scale_grad else None, None
 
 

@@ -127,20 +127,22 @@ class Backend:
         self,
         grad_weights: torch.Tensor,
         logits: torch.Tensor,
+        weights: torch.Tensor | None,
         ids: torch.Tensor,
         scale: torch.Tensor | None,
         renormalize: bool,
         logits_grad: bool,
         scale_grad: bool,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The gradients of ``run`` for 2-D ``[T, E]`` logits and the ``[T, K]`` ids it chose: the backward
+        """The gradients of ``run`` for 2-D ``[T, E]`` logits and the ``[T, K]`` weights (or ``None``) and ids it
+        wrote: the backward
         kernel where this backend launches the forward kernel, the gradient of the reference's formula in
         PyTorch ops elsewhere (``backward.py``). The caller casts ``grad_scale`` to the scale's dtype."""
         if not self.uses_kernel:
-            return backward.reference_backward(grad_weights, logits, ids, scale, renormalize, logits_grad,
+            return backward.reference_backward(grad_weights, logits, weights, ids, scale, renormalize, logits_grad,
                                                scale_grad)
-        return backward.launch(grad_weights, logits, ids, scale, renormalize, logits_grad, scale_grad,
-                               interpret=self.interpret)
+        return backward.launch(grad_weights, logits, weights, ids, scale, renormalize, logits_grad, scale_grad,
+                               interpret=self.interpret, one_hot=configs.load_table(self.table).backward_one_hot)
 
 
 @functools.cache

@@ -15,7 +15,7 @@ from torch._dynamo.utils import counters
 from torch._functorch.aot_autograd import make_boxed_func
 
 import g4route
-from g4route import registry
+from g4route import backward, registry
 from g4route.reference import reference_route
 
 OPS = {"route": torch.ops.g4route.route.default, "route_autograd": torch.ops.g4route.route_autograd.default,
@@ -119,6 +119,37 @@ def test_gradients_with_ties_masked_and_nan_rows(target, gen, renormalize):
         assert bool(torch.isnan(d_logits[6]).any()) and bool(torch.isnan(d_logits[5]).any())
         assert bool(torch.isfinite(d_logits[9:]).all())
         assert bool(((ids >= 0) & (ids < E)).all())
+
+
+@pytest.mark.parametrize("tiles", ["default", "one-row"])
+def test_gradients_where_the_weights_cannot_be_divided_by_the_scale(target, gen, monkeypatch, tiles):
+    """The kernel's backward takes q = w / s from the forward's weights where that division is exact, and
+    recomputes a tile from the logits elsewhere: scales of 0, below 2**-64 (one subnormal), above 2**64,
+    negative, and weights that underflow (logit gaps of about 90 inside the K) must still give the
+    oracle's gradients; with one-row tiles, rows of either kind side by side in one launch."""
+    _, device = target
+    if tiles == "one-row":
+        monkeypatch.setattr(backward, "config_for", lambda *args, **kwargs: backward.BackwardConfig(1, 4, 1))
+    T, E, K = 200, 24, 6
+    logits = torch.randn(T, E, generator=gen).mul_(2)
+    far = torch.rand(T, generator=gen) < 0.3
+    logits[far, :K] = logits[far, :K] + torch.arange(K, 0, -1).float() * 18  # gaps of 18: tiny weights
+    scale = torch.rand(E, generator=gen) + 0.5
+    scale[[1, 5, 9, 13, 17, 21]] = torch.tensor([0.0, 1e-30, 3e-39, 1e25, -1.5, -2e-25])
+    grad = torch.randn(T, K, generator=gen)
+    for dtype in (torch.float32, torch.bfloat16):
+        for renormalize in (True, False):
+            _assert_gradients(logits.to(device, dtype), K, scale.to(device), renormalize, grad.to(device))
+
+
+def test_changing_the_weights_in_place_before_the_backward_is_an_error(target, gen):
+    """The backward reads the forward's weights: autograd's version counter catches an in-place change."""
+    _, device = target
+    logits = torch.randn(12, 16, generator=gen).to(device).requires_grad_(True)
+    weights, _ = g4route.route(logits, 4)
+    weights.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        weights.sum().backward()
 
 
 def test_gradients_of_strided_and_batched_logits(target, gen):
