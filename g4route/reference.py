@@ -54,10 +54,10 @@ _FREE_BITS = {torch.bfloat16: 16, torch.float16: 13}
 _INT32_MAX = (1 << 31) - 1
 _INT32_MAX_T = torch.tensor(_INT32_MAX, dtype=torch.int32)
 # Rows above which the renormalised weights are exp(x - max) / sum by hand: torch.softmax over a short
-# last dim (K = 8) costs about 0.15 us a row, and copies a strided input first (the chosen logits are a
-# view of topk's K + 1 columns); four plain ops cost a small fraction of that a row. Below, the one op
-# costs less than four.
-_SOFTMAX_MAX_ROWS = 8
+# last dim (K = 8) is not vectorised along it and costs about 0.07 us a row (2026-11-27: 13.5 us at 159
+# rows against 8.2 for the four plain ops, 7.5 against 7.0 at 64, 5.0 against 6.3 at 16). Below, the one
+# op costs less than four, each of which costs about a microsecond at any such size.
+_SOFTMAX_MAX_ROWS = 64
 
 
 def _scatter_index_dtype() -> torch.dtype:
@@ -158,14 +158,21 @@ def _ids_by_topk_few(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
 def _ids_by_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(ids, chosen logits or None when some rows were re-sorted) through ``torch.topk`` of ``K + 1``."""
     vals, ids = torch.topk(x, k + 1)
-    # Every step strictly down; a NaN step is not (the maximum is then NaN). As two views and a sub:
-    # torch.diff slices through narrow, three times the cost at 16 rows.
-    rows = x.shape[0]
-    steps = vals.as_strided((rows, k), (k + 1, 1), 1) - vals.as_strided((rows, k), (k + 1, 1))
-    if float(steps.amax()) < 0:
-        return _first_k(ids, k), _first_k(vals, k)
+    # Every step strictly down; a NaN step is not (the maximum is then NaN). One host read of one
+    # reduction: at these sizes each op costs about a microsecond whatever it does, so the count matters.
+    if torch.diff(vals).amax().item() < 0:
+        return _first_k_(ids, vals, k)
     unsettled = ~(vals[:, :k] > vals[:, 1:]).all(-1)
     return _resort_rows(x, _first_k(ids, k), unsettled, k), None
+
+
+def _first_k_(ids: torch.Tensor, vals: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_first_k` of both fresh ``torch.topk`` outputs, in place where autograd allows it (topk's
+    backward reads both outputs as they were): a new view object costs about as much again."""
+    shape, strides = (ids.shape[0], k), (ids.shape[1], 1)
+    if vals.requires_grad:
+        return ids.as_strided(shape, strides), vals.as_strided(shape, strides)
+    return ids.as_strided_(shape, strides), vals.as_strided_(shape, strides)
 
 
 @functools.cache
