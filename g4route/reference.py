@@ -2,8 +2,12 @@
 
 It computes exactly what every backend computes (DESIGN.md section 2), and on a CPU it races the few lines
 it replaces (softmax -> ``torch.topk`` -> divide by the sum -> times the scale, as Transformers writes
-Gemma 4's router), since ``patch_gemma4`` puts it there: faster from a few hundred rows, still slower
-below (BENCHMARKS.md, "CPU"). ``torch.topk``
+Gemma 4's router), since ``patch_gemma4`` puts it there: faster from about a thousand rows, still slower
+below (BENCHMARKS.md, "CPU"). Below a hundred rows or so each torch op costs a microsecond or two whatever
+its size (more in a sequence of different ops than in a loop of one), so there the path is counted in
+ops: stock is six, ours ``torch.topk``, a check (one ``diff``, one ``amax``, one host read; or a Python
+look at a few rows), the K columns as views, the int32 ids, ``softmax``, the scale's ``take`` and a
+``mul_``. ``torch.topk``
 promises no order among equal logits and ours is fixed (descending logit, then lower expert id), so the
 selection is made exact in one of two ways, each falling back to a stable sort only on rows it cannot
 settle:
@@ -43,6 +47,9 @@ import torch
 # small ops (~100 us), then a fraction of ``torch.topk``'s time a row. Below, ``torch.topk`` does. Measured
 # on the 2-core development host, E = 128, K = 8, float32 and bfloat16, one thread and two: packed keys
 # 0.85-0.93x of stock at 128 rows, 1.03-1.16x at 160, 1.21-1.35x at 192 (topk 0.84-0.96x at all three).
+# Again on 2026-11-27 (a busier day), the selection alone, float32 / bfloat16: packed keys 178 / 114 us
+# against torch.topk's 99 / 101 at 128 rows, 138 / 147 against 129 / 151 at 160, 216 / 174 against
+# 241 / 249 at 256: still the crossover.
 PACKED_MIN_ROWS = 160
 # Up to this many rows the topk path checks and fixes its rows in Python (_ids_by_topk_few).
 _FEW_ROWS = 4
