@@ -1,16 +1,15 @@
 """The routing contract in PyTorch: the ``torch`` backend, on any device.
 
 It computes exactly what every backend computes (DESIGN.md section 2), and on a CPU it races the few lines
-it replaces (softmax -> ``torch.topk`` -> divide by the sum -> times the scale, as Transformers writes
-Gemma 4's router), since ``patch_gemma4`` puts it there: faster from about a thousand rows, still slower
-below (BENCHMARKS.md, "CPU"). Below a hundred rows or so each torch op costs a microsecond or two whatever
-its size (more in a sequence of different ops than in a loop of one), so there the path is counted in
-ops: stock is six, ours ``torch.topk``, a check (one ``diff``, one ``amax``, one host read; or a Python
-look at a few rows), the K columns as views, the int32 ids, ``softmax``, the scale's ``take`` and a
-``mul_``. ``torch.topk``
-promises no order among equal logits and ours is fixed (descending logit, then lower expert id), so the
-selection is made exact in one of two ways, each falling back to a stable sort only on rows it cannot
-settle:
+it replaces (softmax -> ``torch.topk`` -> divide by the sum -> times the scale, as Transformers writes Gemma
+4's router), since ``patch_gemma4`` puts it there: faster from a few thousand rows (from a few hundred on a
+quiet host), still slower below (BENCHMARKS.md, "CPU"). Below a hundred rows or so each torch op costs a
+microsecond or two whatever its size (more in a sequence of different ops than in a loop of one), so there
+the path is counted in ops: stock is six, ours ``torch.topk``, a check (one ``diff``, one ``amax``, one host
+read; or a Python look at a few rows), the K columns as views, the int32 ids, ``softmax``, the scale's
+``take`` and a ``mul_``. ``torch.topk`` promises no order among equal logits and ours is fixed (descending
+logit, then lower expert id), so the selection is made exact in one of two ways, each falling back to a
+stable sort only on rows it cannot settle:
 
 - ``torch.topk`` of ``K + 1``: where those ``K + 1`` logits strictly decrease, the K chosen and their
   order are unique, whatever the tie rule. This is the path for few float32 rows (and for up to four
