@@ -1,12 +1,15 @@
 """The routing contract in PyTorch: the ``torch`` backend, on any device.
 
 It computes exactly what every backend computes (DESIGN.md section 2), and on a CPU it races the few lines
-it replaces (softmax -> ``torch.topk`` -> divide by the sum -> times the scale, as Transformers writes
-Gemma 4's router), since ``patch_gemma4`` puts it there: faster from a few hundred rows, still slower
-below (BENCHMARKS.md, "CPU"). ``torch.topk``
-promises no order among equal logits and ours is fixed (descending logit, then lower expert id), so the
-selection is made exact in one of two ways, each falling back to a stable sort only on rows it cannot
-settle:
+it replaces (softmax -> ``torch.topk`` -> divide by the sum -> times the scale, as Transformers writes Gemma
+4's router), since ``patch_gemma4`` puts it there: faster from a few thousand rows (from a few hundred on a
+quiet host), still slower below (BENCHMARKS.md, "CPU"). Below a hundred rows or so each torch op costs a
+microsecond or two whatever its size (more in a sequence of different ops than in a loop of one), so there
+the path is counted in ops: stock is six, ours ``torch.topk``, a check (one ``diff``, one ``amax``, one host
+read; or a Python look at a few rows), the K columns as views, the int32 ids, ``softmax``, the scale's
+``take`` and a ``mul_``. ``torch.topk`` promises no order among equal logits and ours is fixed (descending
+logit, then lower expert id), so the selection is made exact in one of two ways, each falling back to a
+stable sort only on rows it cannot settle:
 
 - ``torch.topk`` of ``K + 1``: where those ``K + 1`` logits strictly decrease, the K chosen and their
   order are unique, whatever the tie rule. This is the path for few float32 rows (and for up to four
@@ -43,6 +46,9 @@ import torch
 # small ops (~100 us), then a fraction of ``torch.topk``'s time a row. Below, ``torch.topk`` does. Measured
 # on the 2-core development host, E = 128, K = 8, float32 and bfloat16, one thread and two: packed keys
 # 0.85-0.93x of stock at 128 rows, 1.03-1.16x at 160, 1.21-1.35x at 192 (topk 0.84-0.96x at all three).
+# Again on 2026-11-27 (a busier day), the selection alone, float32 / bfloat16: packed keys 178 / 114 us
+# against torch.topk's 99 / 101 at 128 rows, 138 / 147 against 129 / 151 at 160, 216 / 174 against
+# 241 / 249 at 256: still the crossover.
 PACKED_MIN_ROWS = 160
 # Up to this many rows the topk path checks and fixes its rows in Python (_ids_by_topk_few).
 _FEW_ROWS = 4
@@ -54,10 +60,10 @@ _FREE_BITS = {torch.bfloat16: 16, torch.float16: 13}
 _INT32_MAX = (1 << 31) - 1
 _INT32_MAX_T = torch.tensor(_INT32_MAX, dtype=torch.int32)
 # Rows above which the renormalised weights are exp(x - max) / sum by hand: torch.softmax over a short
-# last dim (K = 8) costs about 0.15 us a row, and copies a strided input first (the chosen logits are a
-# view of topk's K + 1 columns); four plain ops cost a small fraction of that a row. Below, the one op
-# costs less than four.
-_SOFTMAX_MAX_ROWS = 8
+# last dim (K = 8) is not vectorised along it and costs about 0.07 us a row (2026-11-27: 13.5 us at 159
+# rows against 8.2 for the four plain ops, 7.5 against 7.0 at 64, 5.0 against 6.3 at 16). Below, the one
+# op costs less than four, each of which costs about a microsecond at any such size.
+_SOFTMAX_MAX_ROWS = 64
 
 
 def _scatter_index_dtype() -> torch.dtype:
@@ -158,14 +164,21 @@ def _ids_by_topk_few(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
 def _ids_by_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(ids, chosen logits or None when some rows were re-sorted) through ``torch.topk`` of ``K + 1``."""
     vals, ids = torch.topk(x, k + 1)
-    # Every step strictly down; a NaN step is not (the maximum is then NaN). As two views and a sub:
-    # torch.diff slices through narrow, three times the cost at 16 rows.
-    rows = x.shape[0]
-    steps = vals.as_strided((rows, k), (k + 1, 1), 1) - vals.as_strided((rows, k), (k + 1, 1))
-    if float(steps.amax()) < 0:
-        return _first_k(ids, k), _first_k(vals, k)
+    # Every step strictly down; a NaN step is not (the maximum is then NaN). One host read of one
+    # reduction: at these sizes each op costs about a microsecond whatever it does, so the count matters.
+    if torch.diff(vals).amax().item() < 0:
+        return _first_k_(ids, vals, k)
     unsettled = ~(vals[:, :k] > vals[:, 1:]).all(-1)
     return _resort_rows(x, _first_k(ids, k), unsettled, k), None
+
+
+def _first_k_(ids: torch.Tensor, vals: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_first_k` of both fresh ``torch.topk`` outputs, in place where autograd allows it (topk's
+    backward reads both outputs as they were): a new view object costs about as much again."""
+    shape, strides = (ids.shape[0], k), (ids.shape[1], 1)
+    if vals.requires_grad:
+        return ids.as_strided(shape, strides), vals.as_strided(shape, strides)
+    return ids.as_strided_(shape, strides), vals.as_strided_(shape, strides)
 
 
 @functools.cache

@@ -17,10 +17,11 @@ from g4route.reference import reference_route, route_torch, select_experts
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 MODES = ["plain", "ties", "truncated", "special", "masked"]
-# One per path on a CPU: few rows checked in Python, the topk / key-table band, the packed keys in one
-# chunk and in several (the last one short).
-ROWS = [1, 3, reference._FEW_ROWS, reference._FEW_ROWS + 1, 40, reference.PACKED_MIN_ROWS - 1,
-        reference.PACKED_MIN_ROWS, reference._CHUNK_ROWS + 37]
+# One per path on a CPU: few rows checked in Python, the topk / key-table band (weights by torch.softmax,
+# then by hand past _SOFTMAX_MAX_ROWS), the packed keys in one chunk and in several (the last one short).
+ROWS = [1, 3, reference._FEW_ROWS, reference._FEW_ROWS + 1, 40, reference._SOFTMAX_MAX_ROWS,
+        reference._SOFTMAX_MAX_ROWS + 1, reference.PACKED_MIN_ROWS - 1, reference.PACKED_MIN_ROWS,
+        reference._CHUNK_ROWS + 37]
 
 
 def _logits(mode: str, rows: int, experts: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
