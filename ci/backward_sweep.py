@@ -13,7 +13,7 @@ import itertools
 
 import torch
 
-from g4route import backward, route, timing
+from g4route import backward, configs, route, timing
 
 # (one-hot elements a tile, rows a program) of the path from the saved weights (renormalize=True).
 TILES = (1024, 2048, 4096, 8192)
@@ -26,7 +26,9 @@ def sweep(tokens: int, dtype: torch.dtype, device: torch.device) -> list[tuple[f
     weights, ids = route(logits, 8, scale)
     grad = torch.randn(tokens, 8, device=device)
 
-    def launch(one_hot=4096):
+    table_one_hot = configs.load_table("cuda").backward_one_hot  # the default shape
+
+    def launch(one_hot=table_one_hot):
         return backward.launch(grad, logits, weights, ids, scale, True, True, True, one_hot=one_hot)
 
     expected = launch()  # the default shape

@@ -190,15 +190,14 @@ def signature(backend: str, dtype: torch.dtype, config: LaunchConfig, tokens: in
                         "aot.launch_arguments gives {given}: bring it in step with kernel.launch")
 
 
-def backward_signature(backend: str, dtype: torch.dtype, tokens: int, experts: int = EXPERTS, topk: int = TOPK,
+def backward_signature(tgt: Target, dtype: torch.dtype, tokens: int, experts: int = EXPERTS, topk: int = TOPK,
                        renormalize: bool = True) -> tuple[dict, dict, dict, backward.BackwardConfig]:
-    """(signature, constexprs, attrs, config) of the backward kernel's compile for a training step's call:
-    ``tokens`` contiguous rows of ``dtype`` logits, gradients of both the logits and the scale, the launch
-    shape ``backward.config_for`` gives on a GPU."""
+    """(signature, constexprs, attrs, config) of the backward kernel's compile for ``tgt`` and a training
+    step's call: ``tokens`` contiguous rows of ``dtype`` logits, gradients of both the logits and the scale,
+    the launch shape ``backward.config_for`` gives on a GPU with the target's table."""
     saved = backward.from_weights(topk, experts, renormalize, interpret=False)
-    table = configs.load_table({"cuda": "cuda", "hip": "rocm"}.get(backend, "xpu"))
     config = backward.config_for(tokens, experts, interpret=False, topk=topk if saved else 0,
-                                 one_hot=table.backward_one_hot)
+                                 one_hot=configs.load_table(tgt.table).backward_one_hot)
     grid = -(-tokens // config.rows_per_program)
     logits = torch.empty(tokens, experts, dtype=dtype, device="meta")
     ids = torch.empty(tokens, topk, dtype=torch.int32, device="meta")
@@ -207,7 +206,7 @@ def backward_signature(backend: str, dtype: torch.dtype, tokens: int, experts: i
                                     torch.empty(tokens, experts, dtype=dtype, device="meta"),
                                     torch.empty(grid, experts, dtype=torch.float32, device="meta"))
     meta = backward.constexprs(topk, experts, config, True, renormalize, True, True, saved)
-    return (*_specialised(backward._compiled_kernel, list(runtime), meta, backend,
+    return (*_specialised(backward._compiled_kernel, list(runtime), meta, tgt.backend,
                           "backward.runtime_args gives {given}"), config)
 
 
@@ -429,7 +428,7 @@ def compile_backward(tgt: Target, dtype: torch.dtype, renormalize: bool, tokens:
 
     row = BackwardRow(tgt.name, configs._DTYPE_NAMES[dtype], renormalize)
     try:
-        sig, constants, attrs, row.config = backward_signature(tgt.backend, dtype, tokens, experts, topk, renormalize)
+        sig, constants, attrs, row.config = backward_signature(tgt, dtype, tokens, experts, topk, renormalize)
         ck = triton.compile(ASTSource(backward._compiled_kernel, sig, constants, attrs), target=tgt.gpu_target(),
                             options={"num_warps": row.config.num_warps, "num_stages": 1})
         row.stats = _nvidia(ck, tgt.arch, row.config.num_warps) if tgt.backend == "cuda" else _amd(ck, tgt.warp_size)

@@ -49,7 +49,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import kernel, launcher
+from . import configs, kernel, launcher
 from .kernel import tl, triton
 
 # The launch shape of the path that recomputes from the logits (renormalize=False, and wide K x E): a GPU
@@ -82,7 +82,8 @@ class BackwardConfig(NamedTuple):
         return self.block_rows * self.sub_blocks
 
 
-def config_for(tokens: int, num_experts: int, interpret: bool, topk: int = 0, one_hot: int = 4096) -> BackwardConfig:
+def config_for(tokens: int, num_experts: int, interpret: bool, topk: int = 0,
+               one_hot: int = configs.BACKWARD_ONE_HOT) -> BackwardConfig:
     """A simple default, not a tuned table. ``topk`` > 0: the launch of the path from the forward's weights
     (one warp; ``[rows, K, E]`` one-hot tiles of about ``one_hot`` elements;
     ``_GPU_WEIGHTS_ROWS_PER_PROGRAM`` rows a program). Otherwise, for the path from the logits: tiles of
@@ -339,7 +340,7 @@ def launch(
     logits_grad: bool,
     scale_grad: bool,
     interpret: bool = False,
-    one_hot: int = 4096,
+    one_hot: int = configs.BACKWARD_ONE_HOT,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The gradients of ``route()`` for 2-D ``[T, E]`` logits, ``[T, K]`` ids and weights (the forward's
     outputs, ids ordered by descending logit; ``weights`` may be ``None``: the softmax is then recomputed

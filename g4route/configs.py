@@ -73,6 +73,8 @@ def _first(buckets: Sequence[Bucket], tokens: int, dtype: torch.dtype, family: s
 # bound in router.py allows for them): three TF32 products (NVIDIA), six bfloat16 ones (AMD, which has no
 # TF32x3 in Triton), or a float32 product off the tensor cores (ieee).
 FLOAT32_DOTS = ("tf32x3", "bf16x6", "ieee")
+# The backward's [rows, K, E] one-hot elements a tile where a table does not say (backward.config_for).
+BACKWARD_ONE_HOT = 4096
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,7 @@ class Table:
     source: str
     float32_dot: str = "tf32x3"  # the fused router's precision for float32 hidden states (FLOAT32_DOTS)
     precise_norm: bool = True  # the fused router's norm: correctly rounded sqrt and division, or the hardware's
-    backward_one_hot: int = 4096  # the backward's [rows, K, E] one-hot elements a tile (backward.config_for)
+    backward_one_hot: int = BACKWARD_ONE_HOT  # the backward's one-hot elements a tile (backward.config_for)
 
     def family_for(self, device_names: Sequence[str]) -> Family:
         """The first family matching any of ``device_names``, else the vendor default."""
@@ -192,7 +194,7 @@ def parse_table(text: str, source: str) -> Table:
     precise_norm = raw.get("precise_norm", True)
     if not isinstance(precise_norm, bool):
         raise ValueError(f"{source}: precise_norm must be true or false, got {precise_norm!r}")
-    one_hot = raw.get("backward_one_hot", 4096)
+    one_hot = raw.get("backward_one_hot", BACKWARD_ONE_HOT)
     if isinstance(one_hot, bool) or not isinstance(one_hot, int) or one_hot < 1 or one_hot & (one_hot - 1):
         raise ValueError(f"{source}: backward_one_hot must be a power of two, got {one_hot!r}")
     return Table(str(raw.get("vendor", "")), families, _parse_family(raw["default"], "default", source), source,
