@@ -196,8 +196,9 @@ def backward_signature(tgt: Target, dtype: torch.dtype, tokens: int, experts: in
     step's call: ``tokens`` contiguous rows of ``dtype`` logits, gradients of both the logits and the scale,
     the launch shape ``backward.config_for`` gives on a GPU with the target's table."""
     saved = backward.from_weights(topk, experts, renormalize, interpret=False)
+    table = configs.load_table(tgt.table)
     config = backward.config_for(tokens, experts, interpret=False, topk=topk if saved else 0,
-                                 one_hot=configs.load_table(tgt.table).backward_one_hot)
+                                 one_hot=table.backward_one_hot)
     grid = -(-tokens // config.rows_per_program)
     logits = torch.empty(tokens, experts, dtype=dtype, device="meta")
     ids = torch.empty(tokens, topk, dtype=torch.int32, device="meta")
@@ -205,7 +206,7 @@ def backward_signature(tgt: Target, dtype: torch.dtype, tokens: int, experts: in
     runtime = backward.runtime_args(pairs, logits, pairs, ids, torch.empty(experts, dtype=torch.float32, device="meta"),
                                     torch.empty(tokens, experts, dtype=dtype, device="meta"),
                                     torch.empty(grid, experts, dtype=torch.float32, device="meta"))
-    meta = backward.constexprs(topk, experts, config, True, renormalize, True, True, saved)
+    meta = backward.constexprs(topk, experts, config, True, renormalize, True, True, saved, table.backward_scatter)
     return (*_specialised(backward._compiled_kernel, list(runtime), meta, tgt.backend,
                           "backward.runtime_args gives {given}"), config)
 
@@ -432,9 +433,27 @@ def compile_backward(tgt: Target, dtype: torch.dtype, renormalize: bool, tokens:
         ck = triton.compile(ASTSource(backward._compiled_kernel, sig, constants, attrs), target=tgt.gpu_target(),
                             options={"num_warps": row.config.num_warps, "num_stages": 1})
         row.stats = _nvidia(ck, tgt.arch, row.config.num_warps) if tgt.backend == "cuda" else _amd(ck, tgt.warp_size)
+        if tgt.backend == "cuda" and constants.get(_constexpr_index(backward._compiled_kernel, "SCATTER")) \
+                and not _barrier_between_stores(ck.asm["ptx"]):
+            row.error = "no barrier between the tile's zero stores and the scattered store of its K values"
     except Exception as exc:  # a compile error is a result to report, not a crash
         row.error = f"{type(exc).__name__}: {str(exc).strip()}"
     return row
+
+
+def _constexpr_index(fn, name: str) -> tuple[int]:
+    """The key of constexpr ``name`` in an ``ASTSource``'s constants."""
+    return (next(i for i, p in enumerate(fn.params) if p.name == name),)
+
+
+def _barrier_between_stores(ptx: str) -> bool:
+    """Whether a CTA barrier (``bar.sync``/``barrier.sync``, which orders the CTA's memory accesses) lies
+    between the first global store and a later one: the backward's scattered store of the K values must
+    come after the barrier that follows the tile's zeros."""
+    kinds = [("store" if "st.global" in line else "barrier")
+             for line in ptx.splitlines() if "st.global" in line or re.search(r"\b(bar|barrier)\.(cta\.)?sync\b", line)]
+    first = kinds.index("store") if "store" in kinds else len(kinds)
+    return any(kinds[i] == "barrier" and "store" in kinds[i + 1:] for i in range(first, len(kinds)))
 
 
 def compile_backward_all(targets: Sequence[Target], experts: int = EXPERTS, topk: int = TOPK) -> list[BackwardRow]:

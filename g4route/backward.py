@@ -29,7 +29,18 @@ holds anyway); no ``[T, E]`` float32 tensor is saved or made.
   as the forward did: a masked load, so other rows read no logits. The row's largest logit is the chosen
   one in column 0 (the forward orders the ids by descending logit), so NaN rows keep NaN and ``-inf``
   rows are recognised exactly as the forward recognises them. The K results of a row land in their
-  columns through a ``[rows, K, E]`` one-hot compare, on one warp a program.
+  columns in one of two ways, chosen by the vendor's table (``backward_scatter``):
+
+  - scattered (NVIDIA): the program stores the tile's zeros, waits at a barrier, then stores each row's
+    K values at their columns. Two stores to one address from different threads are ordered only by the
+    barrier: PTX's ``bar.sync`` orders a CTA's memory accesses (the AOT compile checks that the barrier
+    is there, ``aot._barrier_between_stores``). This is the fast path: the store is bound by bandwidth.
+  - a ``[rows, K, E]`` one-hot compare (AMD, Intel, where that ordering of global stores by Triton's
+    barrier has not been checked): one store, every column computed.
+
+  The scale's gradient (when asked for) always spreads by a ``[rows, K, E]`` one-hot, summed in a fixed
+  order: it is what the kernel spends most of its time on (262,144 tokens on an H100: 95 us with it, 60
+  without, float32). Both run on one warp a program.
 - ``renormalize=False``, or a ``[K, E]`` one-hot too wide for registers: ``q`` (or ``p``) is recomputed
   from the logits: per row the K chosen logits (a gather), and for ``renormalize=False`` the whole row.
 
@@ -67,6 +78,11 @@ _GPU_ROWS_PER_PROGRAM = 16
 # slower. Past _WEIGHTS_MAX_ONE_HOT elements a row (wide K x E) the one-hot tile would not fit in
 # registers, and the path from the logits is used instead.
 _GPU_WEIGHTS_ROWS_PER_PROGRAM = 32
+# The programs' partial sums of the scale's gradient are added in groups of this many programs (the grid
+# rounded up to a multiple of it; programs past the last row add zeros) where there are at least four
+# groups: torch.sum over the first dim of a [programs, E] buffer keeps few threads busy (13.8 us for
+# 8,192 x 128 float32 on an H100), two sums over a [groups, 64, E] view take 7.2 (BENCHMARKS.md).
+_PARTIAL_GROUP = 64
 _WEIGHTS_MAX_ONE_HOT = 4096
 
 
@@ -193,18 +209,17 @@ def _tile_gradients(grad_w_ptr, logits_ptr, ids_ptr, scale_ptr, rows, row_ok, co
     return d_logits, d_scale
 
 
-def _rows_from_weights(grad_w_ptr, logits_ptr, weights_ptr, ids_ptr, scale_ptr, rows, row_ok, cols, stride_gt,
-                       stride_gk, stride_lt, stride_le, stride_wt, stride_wk, stride_it, stride_ik, K: tl.constexpr,
-                       BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_GRAD: tl.constexpr):
-    """``renormalize=True`` from the forward's weights: the ``[rows, BLOCK_E]`` gradient tile of the logits
-    and the ``[BLOCK_E]`` sum of the scale-gradient terms over these rows.
+def _weights_terms(grad_w_ptr, logits_ptr, weights_ptr, ids_ptr, scale_ptr, rows, row_ok, stride_gt, stride_gk,
+                   stride_lt, stride_le, stride_wt, stride_wk, stride_it, stride_ik, K: tl.constexpr,
+                   BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """``renormalize=True`` from the forward's weights, on ``[rows, BLOCK_K]`` tiles: the ids (-1 where
+    ``ok`` is false), ``ok``, the logits' gradient at the K chosen and the scale-gradient terms ``g_k q_k``.
 
-    All the arithmetic is on ``[rows, K]`` tiles (three coalesced loads and a gather from the ``[E]`` scale);
-    only the last step spreads the K results a row over its E columns. ``q_k = w_k / s_k`` (exact to a
-    couple of float32 ulps wherever ``w_k`` is a normal float and ``|s_k|`` lies in [2**-64, 2**64]); a row
-    with a weight or scale outside that (a scale of 0, inf or NaN; a weight of 0 or subnormal, which
-    masked and NaN rows have) gathers its K chosen logits and takes the softmax over them instead: a
-    masked load, so rows that need no logits read none. Without a scale ``q = w`` exactly."""
+    Three coalesced loads and a gather from the ``[E]`` scale. ``q_k = w_k / s_k`` (exact to a couple of
+    float32 ulps wherever ``w_k`` is a normal float and ``|s_k|`` lies in [2**-64, 2**64]); a row with a
+    weight or scale outside that (a scale of 0, inf or NaN; a weight of 0 or subnormal, which masked and
+    NaN rows have) gathers its K chosen logits and takes the softmax over them instead: a masked load, so
+    rows that need no logits read none. Without a scale ``q = w`` exactly."""
     kk = tl.arange(0, BLOCK_K)
     ok = row_ok[:, None] & (kk < K)[None, :]
     ids = tl.load(ids_ptr + rows[:, None] * stride_it + kk[None, :] * stride_ik, mask=ok, other=-1)
@@ -230,12 +245,14 @@ def _rows_from_weights(grad_w_ptr, logits_ptr, weights_ptr, ids_ptr, scale_ptr, 
         q = tl.where(inexact[:, None], exact, q)
     # q_k (a_k - sum_j q_j a_j), at the K chosen; every other column's gradient is 0.
     d = q * (a - tl.sum(q * a, axis=1)[:, None])
-    hit = ids[:, :, None] == cols[None, None, :]  # [rows, K, E]: a row's ids are distinct
-    d_logits = tl.sum(tl.where(hit, d[:, :, None], 0.0), axis=1)
-    d_scale = tl.zeros_like(cols).to(tl.float32)
-    if SCALE_GRAD:
-        d_scale = tl.sum(tl.sum(tl.where(hit, (g * q)[:, :, None], 0.0), axis=1), axis=0)
-    return d_logits, d_scale
+    return ids, ok, d, g * q
+
+
+def _scale_terms(ids, gq, cols):
+    """The ``[BLOCK_E]`` sum over a tile's rows of its scale-gradient terms, each at its expert's column:
+    a ``[rows, K, E]`` one-hot, summed in a fixed order (no atomics)."""
+    hit = ids[:, :, None] == cols[None, None, :]  # a row's ids are distinct
+    return tl.sum(tl.sum(tl.where(hit, gq[:, :, None], 0.0), axis=1), axis=0)
 
 
 def _route_backward_kernel(
@@ -266,6 +283,7 @@ def _route_backward_kernel(
     LOGITS_GRAD: tl.constexpr,
     SCALE_GRAD: tl.constexpr,
     SAVED_WEIGHTS: tl.constexpr,
+    SCATTER: tl.constexpr,
 ):
     # A program takes SUB_BLOCKS tiles of BLOCK_T rows one after another: small tiles keep the per-row
     # values in few registers, several of them per program keep the scale's partial sums few.
@@ -275,23 +293,35 @@ def _route_backward_kernel(
     for sub in range(SUB_BLOCKS):
         rows = (pid.to(tl.int64) * SUB_BLOCKS + sub) * BLOCK_T + tl.arange(0, BLOCK_T)  # 64-bit: T * E > 2**31
         row_ok = rows < T
+        out = grad_logits_ptr + rows[:, None] * E + cols[None, :]
         if SAVED_WEIGHTS:
-            d_logits, d_part = _rows_from_weights(grad_w_ptr, logits_ptr, weights_ptr, ids_ptr, scale_ptr, rows,
-                                                  row_ok, cols, stride_gt, stride_gk, stride_lt, stride_le,
-                                                  stride_wt, stride_wk, stride_it, stride_ik, K, BLOCK_K,
-                                                  HAS_SCALE, SCALE_GRAD)
+            ids, ok, d, gq = _weights_terms(grad_w_ptr, logits_ptr, weights_ptr, ids_ptr, scale_ptr, rows, row_ok,
+                                            stride_gt, stride_gk, stride_lt, stride_le, stride_wt, stride_wk,
+                                            stride_it, stride_ik, K, BLOCK_K, HAS_SCALE)
             if SCALE_GRAD:
-                scale_sum += d_part
+                scale_sum += _scale_terms(ids, gq, cols)
+            if LOGITS_GRAD:
+                if SCATTER:
+                    # Zeros over the rows, then the K values a row at their columns. The barrier orders the
+                    # two stores to one address (see the module docstring for where that holds).
+                    tl.store(out, tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32),
+                             mask=row_ok[:, None] & (cols[None, :] < E))
+                    tl.debug_barrier()
+                    tl.store(grad_logits_ptr + rows[:, None] * E + ids, d, mask=ok)
+                else:
+                    # The K results a row spread over its E columns by a [rows, K, E] one-hot.
+                    hit = ids[:, :, None] == cols[None, None, :]
+                    d_logits = tl.sum(tl.where(hit, d[:, :, None], 0.0), axis=1)
+                    tl.store(out, d_logits, mask=row_ok[:, None] & (cols[None, :] < E))
         else:
             d_logits, d_scale = _tile_gradients(grad_w_ptr, logits_ptr, ids_ptr, scale_ptr, rows, row_ok, cols, E,
                                                 stride_gt, stride_gk, stride_lt, stride_le, stride_it, stride_ik, K,
                                                 BLOCK_T, BLOCK_E, HAS_SCALE, RENORMALIZE, LOGITS_GRAD, SCALE_GRAD)
             if SCALE_GRAD:
                 scale_sum += tl.sum(d_scale, axis=0)
-        if LOGITS_GRAD:
-            # Written once, every column (zeros included), in the logits' dtype (the store converts).
-            out = grad_logits_ptr + rows[:, None] * E + cols[None, :]
-            tl.store(out, d_logits, mask=row_ok[:, None] & (cols[None, :] < E))
+            if LOGITS_GRAD:
+                # Written once, every column (zeros included), in the logits' dtype (the store converts).
+                tl.store(out, d_logits, mask=row_ok[:, None] & (cols[None, :] < E))
     if SCALE_GRAD:
         # This program's partial sum, in its own row of the [programs, E] buffer: no atomics.
         tl.store(grad_scale_ptr + pid.to(tl.int64) * E + cols, scale_sum, mask=cols < E)
@@ -301,7 +331,8 @@ if triton is not None:
     from triton.runtime.interpreter import InterpretedFunction
 
     _tile_gradients = triton.jit(_tile_gradients)
-    _rows_from_weights = triton.jit(_rows_from_weights)
+    _weights_terms = triton.jit(_weights_terms)
+    _scale_terms = triton.jit(_scale_terms)
     _compiled_kernel = triton.jit(_route_backward_kernel)
     _interpreted_kernel = InterpretedFunction(_route_backward_kernel)
 
@@ -320,14 +351,14 @@ def runtime_args(grad_weights: torch.Tensor, logits: torch.Tensor, weights: torc
 
 
 def constexprs(topk: int, num_experts: int, config: BackwardConfig, has_scale: bool, renormalize: bool,
-               logits_grad: bool, scale_grad: bool, saved_weights: bool) -> dict:
+               logits_grad: bool, scale_grad: bool, saved_weights: bool, scatter: bool = False) -> dict:
     """The backward kernel's compile-time arguments for one call shape (also used by ``aot.py``).
     ``saved_weights``: the forward's weights are passed (used for ``renormalize=True`` only)."""
     return {"K": topk, "BLOCK_T": config.block_rows, "SUB_BLOCKS": config.sub_blocks,
             "BLOCK_E": triton.next_power_of_2(num_experts), "BLOCK_K": triton.next_power_of_2(topk),
             "HAS_SCALE": has_scale,
             "RENORMALIZE": renormalize, "LOGITS_GRAD": logits_grad, "SCALE_GRAD": scale_grad,
-            "SAVED_WEIGHTS": saved_weights and renormalize}
+            "SAVED_WEIGHTS": saved_weights and renormalize, "SCATTER": scatter and saved_weights and renormalize}
 
 
 def launch(
@@ -341,6 +372,7 @@ def launch(
     scale_grad: bool,
     interpret: bool = False,
     one_hot: int = configs.BACKWARD_ONE_HOT,
+    scatter: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The gradients of ``route()`` for 2-D ``[T, E]`` logits, ``[T, K]`` ids and weights (the forward's
     outputs, ids ordered by descending logit; ``weights`` may be ``None``: the softmax is then recomputed
@@ -348,7 +380,9 @@ def launch(
     where not asked for. ``grad_logits`` is ``[T, E]``, contiguous, in the logits' dtype; ``grad_scale`` is
     ``[E]`` float32 (the caller casts it to the scale's dtype). One kernel launch, then for the scale one
     ``torch.sum`` over the programs' partial sums. ``one_hot``: the vendor's tile size for the path from
-    the weights (``backward_one_hot`` in ``backends/*.toml``)."""
+    the weights (``backward_one_hot`` in ``backends/*.toml``); ``scatter``: that path stores zeros, then
+    the K values a row after a barrier, instead of a one-hot (``backward_scatter``: only where the barrier
+    orders the two stores, module docstring)."""
     if triton is None:
         raise RuntimeError(f"the Triton kernel needs the triton package ({kernel.TRITON_IMPORT_ERROR})")
     T, E = logits.shape
@@ -359,9 +393,12 @@ def launch(
     saved = weights is not None and from_weights(K, E, renormalize, interpret)
     config = config_for(T, E, interpret, K if saved else 0, one_hot)
     grid = -(-T // config.rows_per_program)
+    grouped = scale_grad and grid >= 4 * _PARTIAL_GROUP
+    if grouped:
+        grid = -(-grid // _PARTIAL_GROUP) * _PARTIAL_GROUP
     partials = torch.empty(grid, E, dtype=torch.float32, device=logits.device) if scale_grad else None
     args = runtime_args(grad_weights, logits, weights if saved else None, ids, scale, grad_logits, partials)
-    meta = constexprs(K, E, config, scale is not None, renormalize, logits_grad, scale_grad, saved)
+    meta = constexprs(K, E, config, scale is not None, renormalize, logits_grad, scale_grad, saved, scatter)
     if interpret:
         with kernel.interpreting():
             _interpreted_kernel[(grid,)](*args, num_warps=config.num_warps, **meta)
@@ -371,7 +408,12 @@ def launch(
             _compiled_kernel[(grid,)](*args, num_warps=config.num_warps, num_stages=1, **meta)
         finally:
             launcher.leave_device(logits, previous)
-    grad_scale = None if partials is None else partials.sum(dim=0) if grid > 1 else partials[0]
+    if partials is None:
+        grad_scale = None
+    elif grouped:  # a fixed order either way: bitwise reproducible
+        grad_scale = partials.view(-1, _PARTIAL_GROUP, E).sum(dim=1).sum(dim=0)
+    else:
+        grad_scale = partials.sum(dim=0) if grid > 1 else partials[0]
     return grad_logits, grad_scale
 
 

@@ -302,6 +302,7 @@ class BackwardRow:
     eager_us: float  # autograd of the eager reference
     compiled_us: float | None  # autograd of torch.compile(reference)
     peak_mib: dict[str, float] = field(default_factory=dict)  # peak memory over the inputs, per implementation
+    logits_only_us: float | None = None  # g4route forward + backward, the scale frozen (LoRA-style fine-tuning)
 
 
 def _peak_mib(fn: Callable, device: torch.device) -> float:
@@ -355,6 +356,9 @@ def run_backward_bench(
             def eager(x=x, grad=grad):
                 return torch.autograd.grad(reference_route(x, topk, scale, True)[0], (x, scale), grad)
 
+            def g4_logits(x=x, grad=grad):  # the scale frozen: no scale gradient to reduce
+                return torch.autograd.grad(route(x, topk, scale.detach())[0], (x,), grad)
+
             impls = {"g4route": g4, "eager": eager}
             if compiled_ref is not None:
                 impls["compiled"] = lambda x=x, grad=grad: torch.autograd.grad(
@@ -372,10 +376,14 @@ def run_backward_bench(
             with torch.no_grad():
                 forward_us = _backward_timer(device)(lambda x=x: route(x, topk, scale))
             times = {name: _backward_timer(device)(fn) for name, fn in impls.items()}
+            torch.testing.assert_close(g4_logits()[0], expected[0].to(dtype), rtol=1e-2 if dtype != torch.float32
+                                       else 1e-5, atol=1e-5)
+            logits_only_us = _backward_timer(device)(g4_logits)
             peaks = {name: _peak_mib(fn, device) for name, fn in impls.items()}
             rows.append(BackwardRow(str(dtype).removeprefix("torch."), t, forward_us, times["g4route"],
-                                    times["eager"], times.get("compiled"), peaks))
-            progress("  " + ", ".join(f"{k} {v:.1f} us" for k, v in {"forward": forward_us, **times}.items()))
+                                    times["eager"], times.get("compiled"), peaks, logits_only_us))
+            progress("  " + ", ".join(f"{k} {v:.1f} us" for k, v in
+                                      {"forward": forward_us, **times, "g4route scale frozen": logits_only_us}.items()))
             del x, grad, expected
     return rows, meta
 
@@ -387,14 +395,17 @@ def format_backward_table(rows: list[BackwardRow], meta: dict) -> str:
              "# forward+backward: gradients of the logits and the scale (renormalize=True); CUDA-graph replay "
              "on CUDA (device events elsewhere); peak: memory allocated above the inputs, no graph"]
     head = ["dtype", "T", "g4route fwd us", "g4route fwd+bwd us", "fwd+bwd / fwd", "eager fwd+bwd us",
-            "compiled fwd+bwd us", "x eager", "x compiled", "peak MiB g4route / eager / compiled"]
+            "compiled fwd+bwd us", "x eager", "x compiled", "peak MiB g4route / eager / compiled",
+            "scale frozen: fwd+bwd us (/ fwd)"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         peaks = " / ".join("-" if math.isnan(r.peak_mib.get(k, math.nan)) else f"{r.peak_mib[k]:,.1f}"
                            for k in ("g4route", "eager", "compiled"))
         cells = [r.dtype, f"{r.tokens:,}", _fmt(r.forward_us), _fmt(r.train_us), f"{r.train_us / r.forward_us:.2f}",
                  _fmt(r.eager_us), _fmt(r.compiled_us), f"{r.eager_us / r.train_us:.1f}x",
-                 "-" if r.compiled_us is None else f"{r.compiled_us / r.train_us:.1f}x", peaks]
+                 "-" if r.compiled_us is None else f"{r.compiled_us / r.train_us:.1f}x", peaks,
+                 "-" if r.logits_only_us is None else
+                 f"{_fmt(r.logits_only_us)} ({r.logits_only_us / r.forward_us:.2f})"]
         lines.append("| " + " | ".join(cells) + " |")
     if meta["backend"] not in ("cuda", "rocm", "xpu"):
         lines.append("no GPU kernel here: g4route's columns are the reference's gradient in PyTorch ops (backend "

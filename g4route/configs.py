@@ -86,6 +86,9 @@ class Table:
     float32_dot: str = "tf32x3"  # the fused router's precision for float32 hidden states (FLOAT32_DOTS)
     precise_norm: bool = True  # the fused router's norm: correctly rounded sqrt and division, or the hardware's
     backward_one_hot: int = BACKWARD_ONE_HOT  # the backward's one-hot elements a tile (backward.config_for)
+    # The backward writes a tile's zeros, then (after a barrier) each row's K values at their columns, instead
+    # of spreading them by a one-hot: only where the barrier is known to order two stores to one address.
+    backward_scatter: bool = False
 
     def family_for(self, device_names: Sequence[str]) -> Family:
         """The first family matching any of ``device_names``, else the vendor default."""
@@ -180,7 +183,8 @@ def _parse_family(raw: dict, name: str, where: str) -> Family:
 def parse_table(text: str, source: str) -> Table:
     """Parse and check one table; errors name the file and the row."""
     raw = tomllib.loads(text)
-    unknown = set(raw) - {"vendor", "family", "default", "float32_dot", "precise_norm", "backward_one_hot"}
+    unknown = set(raw) - {"vendor", "family", "default", "float32_dot", "precise_norm", "backward_one_hot",
+                            "backward_scatter"}
     if unknown:
         raise ValueError(f"{source}: unknown top-level keys {sorted(unknown)}")
     float32_dot = str(raw.get("float32_dot", "tf32x3"))
@@ -197,8 +201,11 @@ def parse_table(text: str, source: str) -> Table:
     one_hot = raw.get("backward_one_hot", BACKWARD_ONE_HOT)
     if isinstance(one_hot, bool) or not isinstance(one_hot, int) or one_hot < 1 or one_hot & (one_hot - 1):
         raise ValueError(f"{source}: backward_one_hot must be a power of two, got {one_hot!r}")
+    scatter = raw.get("backward_scatter", False)
+    if not isinstance(scatter, bool):
+        raise ValueError(f"{source}: backward_scatter must be true or false, got {scatter!r}")
     return Table(str(raw.get("vendor", "")), families, _parse_family(raw["default"], "default", source), source,
-                 float32_dot, precise_norm, one_hot)
+                 float32_dot, precise_norm, one_hot, scatter)
 
 
 @functools.cache

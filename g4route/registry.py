@@ -141,8 +141,10 @@ class Backend:
         if not self.uses_kernel:
             return backward.reference_backward(grad_weights, logits, weights, ids, scale, renormalize, logits_grad,
                                                scale_grad)
+        table = configs.load_table(self.table)
         return backward.launch(grad_weights, logits, weights, ids, scale, renormalize, logits_grad, scale_grad,
-                               interpret=self.interpret, one_hot=configs.load_table(self.table).backward_one_hot)
+                               interpret=self.interpret, one_hot=table.backward_one_hot,
+                               scatter=table.backward_scatter)
 
 
 @functools.cache

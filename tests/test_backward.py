@@ -7,6 +7,8 @@ stay at a few hundred rows; the large sizes and the determinism check run on the
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from oracle import oracle, oracle_gradients
@@ -15,11 +17,23 @@ from torch._dynamo.utils import counters
 from torch._functorch.aot_autograd import make_boxed_func
 
 import g4route
-from g4route import backward, registry
+from g4route import backward, configs, registry
 from g4route.reference import reference_route
 
 OPS = {"route": torch.ops.g4route.route.default, "route_autograd": torch.ops.g4route.route_autograd.default,
        "route_backward": torch.ops.g4route.route_backward.default}
+
+
+@pytest.fixture(params=["one-hot", "scatter"])
+def spread(request, monkeypatch):
+    """Both ways the kernel writes the logits' gradient from the forward's weights, whatever the backend's
+    table says: a ``[rows, K, E]`` one-hot (AMD, Intel), or zeros then the K values a row after a barrier
+    (NVIDIA's ``backward_scatter``)."""
+    load = configs.load_table
+    scatter = request.param == "scatter"
+    monkeypatch.setattr(configs, "load_table",
+                        lambda vendor: dataclasses.replace(load(vendor), backward_scatter=scatter))
+    return request.param
 
 
 def _route_with_grads(logits, topk, scale, renormalize, grad_weights, scale_grad=True):
@@ -97,7 +111,7 @@ def test_gradients_match_the_oracle(target, gen, dtype, renormalize, shape):
 
 
 @pytest.mark.parametrize("renormalize", [True, False], ids=["renorm", "softmax-all"])
-def test_gradients_with_ties_masked_and_nan_rows(target, gen, renormalize):
+def test_gradients_with_ties_masked_and_nan_rows(target, gen, renormalize, spread):
     """bfloat16 small integers (ties within the K and at the K-th place), rows partly and wholly -inf,
     NaN and +inf rows, a scale with zeros: the oracle's values, NaN in and NaN out, never an error."""
     _, device = target
@@ -122,14 +136,16 @@ def test_gradients_with_ties_masked_and_nan_rows(target, gen, renormalize):
 
 
 @pytest.mark.parametrize("tiles", ["default", "one-row"])
-def test_gradients_where_the_weights_cannot_be_divided_by_the_scale(target, gen, monkeypatch, tiles):
+def test_gradients_where_the_weights_cannot_be_divided_by_the_scale(target, gen, monkeypatch, tiles, spread):
     """The kernel's backward takes q = w / s from the forward's weights where that division is exact, and
     recomputes a tile from the logits elsewhere: scales of 0, below 2**-64 (one subnormal), above 2**64,
     negative, and weights that underflow (logit gaps of about 90 inside the K) must still give the
-    oracle's gradients; with one-row tiles, rows of either kind side by side in one launch."""
+    oracle's gradients; with one-row tiles, rows of either kind side by side in one launch (and the
+    programs' partial sums of the scale's gradient added in groups)."""
     _, device = target
-    if tiles == "one-row":
+    if tiles == "one-row":  # 50 programs, their partial sums added in groups of 4 (52 programs: 2 add zeros)
         monkeypatch.setattr(backward, "config_for", lambda *args, **kwargs: backward.BackwardConfig(1, 4, 1))
+        monkeypatch.setattr(backward, "_PARTIAL_GROUP", 4)
     T, E, K = 200, 24, 6
     logits = torch.randn(T, E, generator=gen).mul_(2)
     far = torch.rand(T, generator=gen) < 0.3
@@ -275,7 +291,7 @@ def test_opcheck_route_autograd(gen, monkeypatch, backend, renormalize):
 @pytest.mark.parametrize("tokens", [1, 7, 4097, 65537])
 @pytest.mark.parametrize("experts", [128, 96, 256])
 @pytest.mark.parametrize("renormalize", [True, False], ids=["renorm", "softmax-all"])
-def test_gpu_gradients_large(gpu_target, gen, dtype, tokens, experts, renormalize):
+def test_gpu_gradients_large(gpu_target, gen, dtype, tokens, experts, renormalize, spread):
     _, device = gpu_target
     logits = torch.randn(tokens, experts, generator=gen).mul_(3).to(device, dtype)
     scale = (torch.rand(experts, generator=gen) + 0.5).to(device)
@@ -284,7 +300,7 @@ def test_gpu_gradients_large(gpu_target, gen, dtype, tokens, experts, renormaliz
 
 
 @pytest.mark.parametrize("renormalize", [True, False], ids=["renorm", "softmax-all"])
-def test_gpu_scale_gradient_is_bitwise_deterministic(gpu_target, gen, renormalize):
+def test_gpu_scale_gradient_is_bitwise_deterministic(gpu_target, gen, renormalize, spread):
     _, device = gpu_target
     logits = torch.randn(262144, 128, generator=gen).to(device, torch.bfloat16).requires_grad_(True)
     scale = (torch.rand(128, generator=gen) + 0.5).to(device).requires_grad_(True)

@@ -150,10 +150,12 @@ _CATCH_ALL = "{ rows_per_program = 1, num_warps = 1 }"
          "lanes_per_row must be 0"),
         ("[default]\nbuckets = [{ dtypes = ['float64'], rows_per_program = 1, num_warps = 1 }, "
          f"{_CATCH_ALL}]\n", r"unknown dtypes \['float64'\]"),
+        (f"backward_one_hot = 3000\n[default]\nbuckets = [{_CATCH_ALL}]\n", "backward_one_hot must be a power"),
+        (f"backward_scatter = 1\n[default]\nbuckets = [{_CATCH_ALL}]\n", "backward_scatter must be true or false"),
     ],
     ids=["no-default", "empty-buckets", "no-buckets-key", "family-no-buckets", "no-catch-all-max-tokens",
          "no-catch-all-dtypes", "num-warps-3", "num-warps-0", "rows-6", "unknown-key", "missing-key",
-         "lanes-3", "lanes-negative", "unknown-dtype"],
+         "lanes-3", "lanes-negative", "unknown-dtype", "one-hot-3000", "scatter-int"],
 )
 def test_errors_name_the_source(text, match):
     with pytest.raises(ValueError, match=match) as info:
@@ -245,6 +247,15 @@ def test_finding_the_tables_keeps_the_public_backends_function():
     configs.tables_dir()
     assert callable(g4route.backends), f"g4route.backends is {g4route.backends!r}"
     assert g4route.backends() == list(g4route.registry.BACKENDS)
+
+
+def test_backward_keys_are_read_and_default_to_the_one_hot():
+    text = f"[default]\nbuckets = [{_CATCH_ALL}]\n"
+    plain = configs.parse_table(text, SOURCE)
+    assert (plain.backward_one_hot, plain.backward_scatter) == (configs.BACKWARD_ONE_HOT, False)
+    tuned = configs.parse_table("backward_one_hot = 1024\nbackward_scatter = true\n" + text, SOURCE)
+    assert (tuned.backward_one_hot, tuned.backward_scatter) == (1024, True)
+    assert configs.load_table("cuda").backward_scatter and not configs.load_table("rocm").backward_scatter
 
 
 def test_lanes_per_row_is_read_and_defaults_to_a_whole_row():
