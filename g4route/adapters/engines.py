@@ -34,7 +34,8 @@ _OFF = ("0", "false", "no", "off")
 
 @dataclass(frozen=True)
 class EngineSpec:
-    engine: str                 # the engine's name in messages
+    engine: str                 # the engine's key (engine_reports, the CLI)
+    display: str                # its name in messages
     distribution: str           # its pip distribution
     tested_version: str         # the version the plugin was written and tested against
     module: str                 # the model module the plugin patches when the engine imports it
@@ -83,16 +84,25 @@ def guarded(spec: EngineSpec, patch: Callable[[types.ModuleType], object],
             patch(module)
         except Exception as exc:
             log.warn_once(f"could not patch {module.__name__} ({type(exc).__name__}: {exc}); "
-                          f"{spec.engine}'s own Gemma 4 routing is kept")
+                          f"{spec.display}'s own Gemma 4 routing is kept")
 
     return patch_safely
+
+
+def left_alone(spec: EngineSpec, log: PluginLog, module: types.ModuleType, problems: list[str]) -> bool:
+    """Whether ``module`` must be left as it is because of ``problems`` (what it lacks of the code the plugin
+    was written against); if so, say so in the plugin's one warning."""
+    if problems:
+        log.warn_once(f"{module.__name__} is not what g4route's plugin was written against ({spec.display} "
+                      f"{spec.tested_version}): {'; '.join(problems)}. {spec.display}'s own Gemma 4 routing is kept.")
+    return bool(problems)
 
 
 def register_plugin(spec: EngineSpec, patch_safely: Callable[[types.ModuleType], None], log: PluginLog) -> None:
     """What an engine's entry point runs: unless ``spec.env_var`` turns it off, ``patch_safely`` (see
     :func:`guarded`) the model module when the engine imports it, or now if it has. Never raises: the
     engines do not catch plugin errors."""
-    kept = f"{spec.engine}'s own Gemma 4 routing is kept"
+    kept = f"{spec.display}'s own Gemma 4 routing is kept"
     try:
         if not plugin_enabled(spec.env_var):
             log.logger.info("g4route: %s=0, %s", spec.env_var, kept)

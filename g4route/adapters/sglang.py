@@ -35,7 +35,7 @@ from collections.abc import Callable
 import torch
 
 from ..api import route
-from .engines import EngineSpec, PluginLog, g4route_version, guarded, register_plugin, scale_for_inference
+from .engines import EngineSpec, PluginLog, g4route_version, guarded, left_alone, register_plugin, scale_for_inference
 
 __all__ = ["SPEC", "is_patched", "make_sglang_routing_function", "mismatches", "patch", "register", "unpatch"]
 
@@ -45,6 +45,7 @@ LOG = PluginLog(logger)
 
 SPEC = EngineSpec(
     engine="sglang",
+    display="SGLang",
     distribution="sglang",
     tested_version="0.5.23",
     module="sglang.srt.models.gemma4_causal",
@@ -152,10 +153,7 @@ def patch(module: types.ModuleType) -> bool:
     """
     if is_patched(module):
         return True
-    problems = mismatches(module)
-    if problems:
-        LOG.warn_once(f"{module.__name__} is not what g4route's plugin was written against "
-                      f"(SGLang {SPEC.tested_version}): {'; '.join(problems)}. SGLang's own Gemma 4 routing is kept.")
+    if left_alone(SPEC, LOG, module, mismatches(module)):
         return False
     cls = getattr(module, MOE_CLASS)
     original_init = cls.__init__

@@ -34,7 +34,7 @@ import types
 import torch
 
 from ..api import route
-from .engines import EngineSpec, PluginLog, g4route_version, guarded, register_plugin, scale_for_inference
+from .engines import EngineSpec, PluginLog, g4route_version, guarded, left_alone, register_plugin, scale_for_inference
 
 __all__ = ["SPEC", "is_patched", "mismatches", "patch", "register", "unpatch"]
 
@@ -44,6 +44,7 @@ LOG = PluginLog(logger)
 
 SPEC = EngineSpec(
     engine="vllm",
+    display="vLLM",
     distribution="vllm",
     tested_version="0.33.0",
     module="vllm.model_executor.models.gemma4",
@@ -165,10 +166,7 @@ def patch(module: types.ModuleType) -> bool:
     """
     if is_patched(module):
         return True
-    problems = mismatches(module)
-    if problems:
-        LOG.warn_once(f"{module.__name__} is not what g4route's plugin was written against "
-                      f"(vLLM {SPEC.tested_version}): {'; '.join(problems)}. vLLM's own Gemma 4 routing is kept.")
+    if left_alone(SPEC, LOG, module, mismatches(module)):
         return False
     setattr(module, _ORIGINALS, {name: getattr(module, name) for name in _REPLACEMENTS})
     for name, fn in _REPLACEMENTS.items():
