@@ -144,7 +144,9 @@ def route(
     dtype, zero outside the chosen K when ``renormalize`` is True; a row whose every logit is ``-inf``
     gets 0, a row holding NaN gets NaN. The GPU backends (and ``interpreter``) run one backward kernel,
     the scale's gradient reduced without atomics (bitwise reproducible); ``torch`` computes the
-    gradient of the reference's formula in PyTorch ops. A double backward raises ``RuntimeError``.
+    gradient of the reference's formula in PyTorch ops. A double backward raises ``RuntimeError``, except
+    for an eager call on CPU logits with no backend forced, where autograd records the reference's PyTorch
+    ops themselves (faster on a CPU), and a double backward works.
 
     ``torch.compile`` (``fullgraph=True``, dynamic token counts) traces through route() without a graph
     break: the call becomes one ``g4route::route`` (or, with ``out``, ``g4route::route_out``) operator
@@ -154,15 +156,16 @@ def route(
     # One CPU token costs about 10 us in Transformers' routing code, and the full checks below with the
     # dispatch through op.py and the registry would add half of that again: an eager call on 2-D CPU
     # logits that passes the same checks, with no backend forced, goes straight to the torch backend.
-    # Any other call (every bad one included) takes the full path. Dynamo is asked first (see _traced).
+    # With autograd on, autograd records its PyTorch ops directly: the route_autograd operator's
+    # Python autograd wrapper cost about 100 us a training step at one token, three times the whole
+    # step of eager autograd (BENCHMARKS.md). Any other call (every bad one included) takes the full
+    # path. Dynamo is asked first (see _traced).
     if (not _is_compiling() and out is None and type(gating_output) is torch.Tensor and gating_output.is_cpu
             and gating_output.dtype in _LOGIT_DTYPES and gating_output.dim() == 2
             and type(topk) is int and 1 <= topk <= gating_output.shape[1]
             and (scale is None or (type(scale) is torch.Tensor and scale.is_cpu and scale.is_floating_point()
                                    and scale.dim() == 1 and scale.shape[0] == gating_output.shape[1]))
             and type(renormalize) is bool
-            and not ((gating_output.requires_grad or (scale is not None and scale.requires_grad))
-                     and torch.is_grad_enabled())
             and not _dispatch_modes() and not registry.forced_name()):
         return route_torch(gating_output, topk, scale, renormalize)
     logits = _check_logits(gating_output)

@@ -395,6 +395,13 @@ def _route(
     settled = chosen is not None
     if chosen is None:
         chosen = logits.gather(-1, ids)
+    masked = None if settled or _no_masked_row(chosen) else chosen[:, :1] == float("-inf")
+    if masked is not None and (chosen.requires_grad or (not renormalize and logits.requires_grad)):
+        # A row of only -inf has the constant weights 0, so its gradient is 0. Its softmax would be NaN,
+        # and autograd would carry NaN back through the where() below: such rows take 0.0 in its place.
+        chosen = torch.where(masked, 0.0, chosen)
+        if not renormalize:
+            logits = torch.where(masked, 0.0, logits)
     if renormalize and T > _SOFTMAX_MAX_ROWS:
         # The chosen logits descend (NaN first), so the first is the row's maximum, as softmax would
         # subtract: same arithmetic, and NaN where softmax gives NaN.
@@ -407,10 +414,10 @@ def _route(
             torch.softmax(chosen, -1, dtype=compute_dtype)
     else:
         w = torch.softmax(logits, -1, dtype=compute_dtype).gather(-1, ids)
-    if not settled and not _no_masked_row(chosen):
+    if masked is not None:
         # The first chosen logit is the row's maximum; -inf there means every expert is masked, where
         # softmax gives NaN: weight 0 instead.
-        w = torch.where(chosen[:, :1] == float("-inf"), 0.0, w)
+        w = torch.where(masked, 0.0, w)
     if scale is not None:
         factor = (scale if scale.dtype == compute_dtype else scale.to(compute_dtype)).take(ids)
         # In place saves an allocation, but softmax's backward reads its output: not while autograd records.

@@ -216,12 +216,64 @@ def test_no_grad_path_records_nothing(gen):
 
 
 def test_double_backward_raises_a_clear_error(target, gen):
+    """Through the operator (every forced backend; eager CPU calls without one: see below)."""
     _, device = target
     logits = torch.randn(10, 16, generator=gen).to(device).requires_grad_(True)
     weights, _ = g4route.route(logits, 4)
     (grad,) = torch.autograd.grad((weights * weights).sum(), logits, create_graph=True)  # first order: fine
     with pytest.raises(RuntimeError, match="differentiable once"):
         grad.sum().backward()
+
+
+# ------------------------------------------------- eager CPU calls: autograd records the reference's ops
+
+
+@pytest.fixture
+def unforced(monkeypatch):
+    """No ``G4ROUTE_BACKEND``: eager CPU calls take route()'s direct path to the torch backend, whose ops
+    autograd records itself (the ``target`` fixture forces a backend, which takes the operator)."""
+    monkeypatch.delenv(registry.ENV_VAR, raising=False)
+
+
+@pytest.mark.parametrize("renormalize", [True, False], ids=["renorm", "softmax-all"])
+def test_eager_cpu_gradients_through_the_reference_ops(unforced, gen, renormalize):
+    """The direct path's gradients against the float64 oracle: ties, rows partly and wholly -inf (0, not
+    NaN), NaN and +inf rows, odd scales, bfloat16 and float32, few rows (the topk path) and many (the
+    packed keys)."""
+    for T in (3, 200):
+        E, K = 20, 6
+        logits = torch.randint(-3, 4, (T, E), generator=gen).float()
+        logits[1, :] = float("-inf")
+        logits[2, 2:] = float("-inf")
+        if T > 3:
+            logits[5, 7] = float("nan")
+            logits[6, 1] = float("inf")
+        scale = torch.rand(E, generator=gen) + 0.5
+        scale[[1, 5, 9]] = torch.tensor([0.0, 1e-30, -1.5])
+        grad = torch.randn(T, K, generator=gen)
+        for dtype in (torch.float32, torch.bfloat16):
+            x = logits.to(dtype)
+            weights, _ = g4route.route(x.requires_grad_(True), K, scale, renormalize=renormalize)
+            assert "g4route" not in type(weights.grad_fn).__name__  # the direct path, not the operator
+            _, d_logits = _assert_gradients(x.detach(), K, scale, renormalize, grad)
+            assert bool((d_logits[1] == 0).all())
+            _assert_gradients(x.detach(), K, None, renormalize, grad)
+
+
+def test_eager_cpu_double_backward_works(unforced, gen):
+    """The direct path records plain PyTorch ops, so a second derivative exists: it matches float64
+    autograd of the reference's formula."""
+    logits = torch.randn(10, 16, generator=gen)
+    scale = torch.rand(16, generator=gen) + 0.5
+
+    def second(x, s, dtype):
+        x = x.to(dtype).requires_grad_(True)
+        weights = g4route.route(x, 4, s)[0] if dtype == torch.float32 else reference_route(x, 4, s, True, dtype)[0]
+        (grad,) = torch.autograd.grad((weights * weights).sum(), x, create_graph=True)
+        return torch.autograd.grad(grad.pow(3).sum(), x)[0]
+
+    torch.testing.assert_close(second(logits, scale, torch.float32).double(),
+                               second(logits, scale.double(), torch.float64), rtol=1e-4, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------- torch.compile, opcheck
