@@ -212,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument("--backward", action="store_true",
                    help="time forward+backward (gradients of the logits and the scale) against autograd of the "
-                        "eager and compiled reference, with peak memory (default T: 1 to 262144 on a GPU, "
+                        "eager and compiled reference, with peak memory, and again with the scale frozen (no "
+                        "scale gradient, as in LoRA fine-tuning) (default T: 1 to 262144 on a GPU, "
                         "to 4096 on a CPU; --compile none|default drops or keeps the compiled column)")
     p.add_argument("--router", action="store_true",
                    help="time the fused router (g4route.router: norm, projection and routing in one kernel) against "
