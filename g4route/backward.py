@@ -47,11 +47,13 @@ holds anyway); no ``[T, E]`` float32 tensor is saved or made.
 The kernel
 ----------
 A program takes ``SUB_BLOCKS`` tiles of ``BLOCK_T`` rows and writes each ``[BLOCK_T, E]`` gradient tile
-once, in the logits' dtype (zeros outside the chosen K for ``renormalize=True``), with float32 math.
+in the logits' dtype (zeros outside the chosen K for ``renormalize=True``), with float32 math: once, or
+with the scattered store its zeros and then its K values a row.
 
 The scale's gradient is reduced deterministically: each program writes its ``[E]`` partial sum (a fixed
 reduction order within the program) to its own row of a ``[programs, E]`` float32 buffer, and
-``torch.sum`` over the programs adds them up (no atomics), so repeated runs give bitwise-identical results.
+``torch.sum`` adds them up in a fixed order (in groups of ``_PARTIAL_GROUP`` programs where there are
+many; no atomics), so repeated runs give bitwise-identical results.
 """
 
 from __future__ import annotations
