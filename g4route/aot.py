@@ -435,7 +435,7 @@ def compile_backward(tgt: Target, dtype: torch.dtype, renormalize: bool, tokens:
         row.stats = _nvidia(ck, tgt.arch, row.config.num_warps) if tgt.backend == "cuda" else _amd(ck, tgt.warp_size)
         if tgt.backend == "cuda" and constants.get(_constexpr_index(backward._compiled_kernel, "SCATTER")) \
                 and not _barrier_between_stores(ck.asm["ptx"]):
-            row.error = "no barrier between the tile's zero stores and the scattered store of its K values"
+            row.stats, row.error = None, "no barrier between the tile's zero stores and the scattered K values"
     except Exception as exc:  # a compile error is a result to report, not a crash
         row.error = f"{type(exc).__name__}: {str(exc).strip()}"
     return row

@@ -338,3 +338,15 @@ def test_nvidia_occupancy_on_paper():
     # 66 registers -> 2304 per warp -> 7 warps per sub-partition -> 28 warps.
     assert aot.nvidia_warps_per_sm(66, 1, 16, 90) == (28, 64)
     assert aot.nvidia_warps_per_sm(32, 8, 64, 80) == (64, 64)
+
+
+def test_the_scatter_check_wants_a_barrier_between_the_stores():
+    """The backward's scattered store is right only after the barrier that follows the tile's zeros: the
+    AOT check reads that order off the PTX (a barrier before the first store, or after the last, is not
+    enough)."""
+    zeros, value = "st.global.v4.b32 [ %rd1 + 0 ], { %r1, %r1, %r1, %r1 };", "@%p2 st.global.b32 [ %rd2 + 0 ], { %r2 };"
+    assert aot._barrier_between_stores("\n".join([zeros, "bar.sync 0;", value]))
+    assert aot._barrier_between_stores("\n".join([zeros, "barrier.sync 0;", value]))
+    assert not aot._barrier_between_stores("\n".join(["bar.sync 0;", zeros, value, "bar.sync 0;"]))
+    assert not aot._barrier_between_stores("\n".join([zeros, "bar.warp.sync -1;", value]))
+    assert not aot._barrier_between_stores("\n".join([zeros, value]))
