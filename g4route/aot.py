@@ -191,7 +191,8 @@ def signature(backend: str, dtype: torch.dtype, config: LaunchConfig, tokens: in
 
 
 def backward_signature(tgt: Target, dtype: torch.dtype, tokens: int, experts: int = EXPERTS, topk: int = TOPK,
-                       renormalize: bool = True) -> tuple[dict, dict, dict, backward.BackwardConfig]:
+                       renormalize: bool = True, scale_grad: bool = True) -> tuple[dict, dict, dict,
+                                                                                  backward.BackwardConfig]:
     """(signature, constexprs, attrs, config) of the backward kernel's compile for ``tgt`` and a training
     step's call: ``tokens`` contiguous rows of ``dtype`` logits, gradients of both the logits and the scale,
     the launch shape ``backward.config_for`` gives on a GPU with the target's table."""
@@ -206,7 +207,8 @@ def backward_signature(tgt: Target, dtype: torch.dtype, tokens: int, experts: in
     runtime = backward.runtime_args(pairs, logits, pairs, ids, torch.empty(experts, dtype=torch.float32, device="meta"),
                                     torch.empty(tokens, experts, dtype=dtype, device="meta"),
                                     torch.empty(grid, experts, dtype=torch.float32, device="meta"))
-    meta = backward.constexprs(topk, experts, config, True, renormalize, True, True, saved, table.backward_scatter)
+    meta = backward.constexprs(topk, experts, config, True, renormalize, True, scale_grad, saved,
+                               table.backward_scatter)
     return (*_specialised(backward._compiled_kernel, list(runtime), meta, tgt.backend,
                           "backward.runtime_args gives {given}"), config)
 
@@ -433,9 +435,15 @@ def compile_backward(tgt: Target, dtype: torch.dtype, renormalize: bool, tokens:
         ck = triton.compile(ASTSource(backward._compiled_kernel, sig, constants, attrs), target=tgt.gpu_target(),
                             options={"num_warps": row.config.num_warps, "num_stages": 1})
         row.stats = _nvidia(ck, tgt.arch, row.config.num_warps) if tgt.backend == "cuda" else _amd(ck, tgt.warp_size)
-        if tgt.backend == "cuda" and constants.get(_constexpr_index(backward._compiled_kernel, "SCATTER")) \
-                and not _barrier_between_stores(ck.asm["ptx"]):
-            row.stats, row.error = None, "no barrier between the tile's zero stores and the scattered K values"
+        if tgt.backend == "cuda" and constants.get(_constexpr_index(backward._compiled_kernel, "SCATTER")):
+            # Read off a compile without the scale's gradient: its partial sums add a barrier and a store
+            # after the loop, which would pass the check whatever the loop holds.
+            sig, constants, attrs, _ = backward_signature(tgt, dtype, tokens, experts, topk, renormalize, False)
+            plain = triton.compile(ASTSource(backward._compiled_kernel, sig, constants, attrs),
+                                   target=tgt.gpu_target(), options={"num_warps": row.config.num_warps,
+                                                                     "num_stages": 1})
+            if not _barrier_between_stores(plain.asm["ptx"]):
+                row.stats, row.error = None, "no barrier between the tile's zero stores and the scattered K values"
     except Exception as exc:  # a compile error is a result to report, not a crash
         row.error = f"{type(exc).__name__}: {str(exc).strip()}"
     return row
@@ -448,8 +456,9 @@ def _constexpr_index(fn, name: str) -> tuple[int]:
 
 def _barrier_between_stores(ptx: str) -> bool:
     """Whether a CTA barrier (``bar.sync``/``barrier.sync``, which orders the CTA's memory accesses) lies
-    between the first global store and a later one: the backward's scattered store of the K values must
-    come after the barrier that follows the tile's zeros."""
+    between the first global store and the last, in the text: in the backward without the scale's
+    gradient, whose only stores are the tile's zeros and then the scattered K values, that is the barrier
+    the scattered store needs (the kernel's other barriers, for reductions, come before the zeros)."""
     kinds = [("store" if "st.global" in line else "barrier")
              for line in ptx.splitlines() if "st.global" in line or re.search(r"\b(bar|barrier)\.(cta\.)?sync\b", line)]
     first = kinds.index("store") if "store" in kinds else len(kinds)

@@ -145,8 +145,8 @@ def route(
     gets 0, a row holding NaN gets NaN. The GPU backends (and ``interpreter``) run one backward kernel,
     the scale's gradient reduced without atomics (bitwise reproducible); ``torch`` computes the
     gradient of the reference's formula in PyTorch ops. A double backward raises ``RuntimeError``, except
-    for an eager call on CPU logits with no backend forced, where autograd records the reference's PyTorch
-    ops themselves (faster on a CPU), and a double backward works.
+    for an eager call on 2-D CPU logits (a CPU scale, no ``out``) with no backend forced, where autograd
+    records the reference's PyTorch ops themselves (faster on a CPU), and a double backward works.
 
     ``torch.compile`` (``fullgraph=True``, dynamic token counts) traces through route() without a graph
     break: the call becomes one ``g4route::route`` (or, with ``out``, ``g4route::route_out``) operator

@@ -380,11 +380,12 @@ def launch(
     outputs, ids ordered by descending logit; ``weights`` may be ``None``: the softmax is then recomputed
     from the logits) and ``[T, K]`` float32 ``grad_weights``: ``(grad_logits, grad_scale)``, each ``None``
     where not asked for. ``grad_logits`` is ``[T, E]``, contiguous, in the logits' dtype; ``grad_scale`` is
-    ``[E]`` float32 (the caller casts it to the scale's dtype). One kernel launch, then for the scale one
-    ``torch.sum`` over the programs' partial sums. ``one_hot``: the vendor's tile size for the path from
-    the weights (``backward_one_hot`` in ``backends/*.toml``); ``scatter``: that path stores zeros, then
-    the K values a row after a barrier, instead of a one-hot (``backward_scatter``: only where the barrier
-    orders the two stores, module docstring)."""
+    ``[E]`` float32 (the caller casts it to the scale's dtype). One kernel launch, then for the scale
+    ``torch.sum`` over the programs' partial sums (two, over groups of them, where there are many).
+    ``one_hot``: the vendor's tile size for the path from the weights (``backward_one_hot`` in
+    ``backends/*.toml``); ``scatter``: that path stores zeros, then the K values a row after a barrier,
+    instead of a one-hot (``backward_scatter``: only where the barrier orders the two stores, module
+    docstring)."""
     if triton is None:
         raise RuntimeError(f"the Triton kernel needs the triton package ({kernel.TRITON_IMPORT_ERROR})")
     T, E = logits.shape

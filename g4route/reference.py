@@ -158,6 +158,10 @@ def _ids_by_topk_few(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     if fixed is not None:  # through a buffer: torch.tensor(list) costs 3 us, four times this
         ids = torch.frombuffer(array.array("q", itertools.chain.from_iterable(fixed)), dtype=torch.int64)
         ids = ids.as_strided_(shape, (k, 1))
+        if vals.requires_grad:
+            # The values are right (equal logits), but autograd would send their gradients to the columns
+            # torch.topk picked, not to the fixed ids: the caller gathers the chosen logits at the ids.
+            return ids, None
     return ids, vals
 
 
@@ -421,7 +425,7 @@ def _route(
     if scale is not None:
         table = scale if scale.dtype == compute_dtype else scale.to(compute_dtype)
         # take's backward (index_put_ with accumulate) is slow on a CPU; index_select's is index_add_:
-        # 6.7 against 10.6 ms for a 16,384-token training step (BENCHMARKS.md).
+        # 6.6 against 10.6 ms for a 16,384-token training step (BENCHMARKS.md).
         factor = table.index_select(0, ids.reshape(-1)).view(ids.shape) if table.requires_grad else table.take(ids)
         # In place saves an allocation, but softmax's backward reads its output: not while autograd records.
         w = w * factor if w.requires_grad else w.mul_(factor)

@@ -350,3 +350,44 @@ def test_the_scatter_check_wants_a_barrier_between_the_stores():
     assert not aot._barrier_between_stores("\n".join(["bar.sync 0;", zeros, value, "bar.sync 0;"]))
     assert not aot._barrier_between_stores("\n".join([zeros, "bar.warp.sync -1;", value]))
     assert not aot._barrier_between_stores("\n".join([zeros, value]))
+
+
+_NO_BARRIER_SCRIPT = """
+import json, torch, triton.language as tl
+from triton.language import core
+from g4route import aot
+tgt = aot.target("sm_90")
+reason = tgt.compiler_available()
+if reason:
+    print(json.dumps({"skip": reason}))
+    raise SystemExit
+if {drop}:
+    @core.builtin
+    def _no_barrier(_semantic=None):
+        return None
+    core.debug_barrier = tl.debug_barrier = _no_barrier
+row = aot.compile_backward(tgt, torch.bfloat16, True)
+print(json.dumps({"error": row.error}))
+"""
+
+
+@pytest.mark.parametrize("drop", [False, True], ids=["as-written", "barrier-removed"])
+def test_the_scatter_check_catches_a_kernel_without_its_barrier(tmp_path, drop):
+    """The real check on a real sm_90 compile (a fresh process and Triton cache: see aot_compiles): the
+    backward as written passes, and the same kernel with ``tl.debug_barrier`` made a no-op fails."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import g4route
+
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path),
+               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(g4route.__file__))))
+    done = subprocess.run([sys.executable, "-c", _NO_BARRIER_SCRIPT.replace("{drop}", str(drop))],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if "skip" in result:
+        pytest.skip(f"cannot compile for sm_90 here: {result['skip']}")
+    assert (result["error"] is not None) == drop, result

@@ -171,7 +171,7 @@ def _report(spec: EngineSpec, static_check: Callable[[ast.Module], list[str]],
     except (OSError, SyntaxError) as exc:
         problems = (f"cannot read {spec.source}: {exc}",)
     if problems and dist.version != spec.tested_version:
-        problems = (f"written against {spec.engine} {spec.tested_version}", *problems)
+        problems = (f"written against {spec.display} {spec.tested_version}", *problems)
     return EngineReport(spec.engine, dist.version, registered, blocked_by, problems)
 
 
