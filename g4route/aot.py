@@ -430,20 +430,20 @@ def compile_backward(tgt: Target, dtype: torch.dtype, renormalize: bool, tokens:
     from triton.compiler import ASTSource
 
     row = BackwardRow(tgt.name, configs._DTYPE_NAMES[dtype], renormalize)
+
+    def build(scale_grad: bool):
+        sig, constants, attrs, config = backward_signature(tgt, dtype, tokens, experts, topk, renormalize, scale_grad)
+        return triton.compile(ASTSource(backward._compiled_kernel, sig, constants, attrs), target=tgt.gpu_target(),
+                              options={"num_warps": config.num_warps, "num_stages": 1}), constants, config
+
     try:
-        sig, constants, attrs, row.config = backward_signature(tgt, dtype, tokens, experts, topk, renormalize)
-        ck = triton.compile(ASTSource(backward._compiled_kernel, sig, constants, attrs), target=tgt.gpu_target(),
-                            options={"num_warps": row.config.num_warps, "num_stages": 1})
+        ck, constants, row.config = build(True)
         row.stats = _nvidia(ck, tgt.arch, row.config.num_warps) if tgt.backend == "cuda" else _amd(ck, tgt.warp_size)
-        if tgt.backend == "cuda" and constants.get(_constexpr_index(backward._compiled_kernel, "SCATTER")):
-            # Read off a compile without the scale's gradient: its partial sums add a barrier and a store
-            # after the loop, which would pass the check whatever the loop holds.
-            sig, constants, attrs, _ = backward_signature(tgt, dtype, tokens, experts, topk, renormalize, False)
-            plain = triton.compile(ASTSource(backward._compiled_kernel, sig, constants, attrs),
-                                   target=tgt.gpu_target(), options={"num_warps": row.config.num_warps,
-                                                                     "num_stages": 1})
-            if not _barrier_between_stores(plain.asm["ptx"]):
-                row.stats, row.error = None, "no barrier between the tile's zero stores and the scattered K values"
+        # The scattered store's barrier, read off a compile without the scale's gradient: its partial sums
+        # add a barrier and a store after the loop, which would pass the check whatever the loop holds.
+        if (tgt.backend == "cuda" and constants.get(_constexpr_index(backward._compiled_kernel, "SCATTER"))
+                and not _barrier_between_stores(build(False)[0].asm["ptx"])):
+            row.stats, row.error = None, "no barrier between the tile's zero stores and the scattered K values"
     except Exception as exc:  # a compile error is a result to report, not a crash
         row.error = f"{type(exc).__name__}: {str(exc).strip()}"
     return row

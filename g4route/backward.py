@@ -250,11 +250,11 @@ def _weights_terms(grad_w_ptr, logits_ptr, weights_ptr, ids_ptr, scale_ptr, rows
     return ids, ok, d, g * q
 
 
-def _scale_terms(ids, gq, cols):
-    """The ``[BLOCK_E]`` sum over a tile's rows of its scale-gradient terms, each at its expert's column:
-    a ``[rows, K, E]`` one-hot, summed in a fixed order (no atomics)."""
+def _spread(ids, values, cols):
+    """``[rows, K]`` values at their ids' columns of ``[rows, E]`` (zero elsewhere): a ``[rows, K, E]``
+    one-hot, summed over K in a fixed order."""
     hit = ids[:, :, None] == cols[None, None, :]  # a row's ids are distinct
-    return tl.sum(tl.sum(tl.where(hit, gq[:, :, None], 0.0), axis=1), axis=0)
+    return tl.sum(tl.where(hit, values[:, :, None], 0.0), axis=1)
 
 
 def _route_backward_kernel(
@@ -296,25 +296,23 @@ def _route_backward_kernel(
         rows = (pid.to(tl.int64) * SUB_BLOCKS + sub) * BLOCK_T + tl.arange(0, BLOCK_T)  # 64-bit: T * E > 2**31
         row_ok = rows < T
         out = grad_logits_ptr + rows[:, None] * E + cols[None, :]
+        out_ok = row_ok[:, None] & (cols[None, :] < E)
         if SAVED_WEIGHTS:
             ids, ok, d, gq = _weights_terms(grad_w_ptr, logits_ptr, weights_ptr, ids_ptr, scale_ptr, rows, row_ok,
                                             stride_gt, stride_gk, stride_lt, stride_le, stride_wt, stride_wk,
                                             stride_it, stride_ik, K, BLOCK_K, HAS_SCALE)
-            if SCALE_GRAD:
-                scale_sum += _scale_terms(ids, gq, cols)
+            if SCALE_GRAD:  # summed over the tile's rows in a fixed order (no atomics)
+                scale_sum += tl.sum(_spread(ids, gq, cols), axis=0)
             if LOGITS_GRAD:
                 if SCATTER:
                     # Zeros over the rows, then the K values a row at their columns. The barrier orders the
                     # two stores to one address (see the module docstring for where that holds).
-                    tl.store(out, tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32),
-                             mask=row_ok[:, None] & (cols[None, :] < E))
+                    tl.store(out, tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32), mask=out_ok)
                     tl.debug_barrier()
                     tl.store(grad_logits_ptr + rows[:, None] * E + ids, d, mask=ok)
                 else:
                     # The K results a row spread over its E columns by a [rows, K, E] one-hot.
-                    hit = ids[:, :, None] == cols[None, None, :]
-                    d_logits = tl.sum(tl.where(hit, d[:, :, None], 0.0), axis=1)
-                    tl.store(out, d_logits, mask=row_ok[:, None] & (cols[None, :] < E))
+                    tl.store(out, _spread(ids, d, cols), mask=out_ok)
         else:
             d_logits, d_scale = _tile_gradients(grad_w_ptr, logits_ptr, ids_ptr, scale_ptr, rows, row_ok, cols, E,
                                                 stride_gt, stride_gk, stride_lt, stride_le, stride_it, stride_ik, K,
@@ -323,7 +321,7 @@ def _route_backward_kernel(
                 scale_sum += tl.sum(d_scale, axis=0)
             if LOGITS_GRAD:
                 # Written once, every column (zeros included), in the logits' dtype (the store converts).
-                tl.store(out, d_logits, mask=row_ok[:, None] & (cols[None, :] < E))
+                tl.store(out, d_logits, mask=out_ok)
     if SCALE_GRAD:
         # This program's partial sum, in its own row of the [programs, E] buffer: no atomics.
         tl.store(grad_scale_ptr + pid.to(tl.int64) * E + cols, scale_sum, mask=cols < E)
@@ -334,7 +332,7 @@ if triton is not None:
 
     _tile_gradients = triton.jit(_tile_gradients)
     _weights_terms = triton.jit(_weights_terms)
-    _scale_terms = triton.jit(_scale_terms)
+    _spread = triton.jit(_spread)
     _compiled_kernel = triton.jit(_route_backward_kernel)
     _interpreted_kernel = InterpretedFunction(_route_backward_kernel)
 
