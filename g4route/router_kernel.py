@@ -12,7 +12,9 @@ float32 beside a tensor-core product ``x @ V.T`` with float32 accumulation, wher
 the norm and selects the top-K in registers: the logits never go to memory (unless ``return_logits``
 asks for them). ``x`` goes to the tensor cores as loaded: forming ``x * scale`` in the loop instead put
 the elementwise work between the loads and the product and cost 100 of 240 us at 65,536 tokens on an
-H200 (BENCHMARKS.md).
+H200 (BENCHMARKS.md). For 16-bit ``x`` the sums of squares come from the tensor cores too, as the diagonal
+of ``x @ x.T`` (``SQUARES_BY_DOT``), so ``x`` has no use in registers: squaring it elementwise needs a
+register copy, which cost 6% at 65,536 tokens on an H100 (see the loop for why that copy is there).
 
 Few tokens cannot fill the GPU with one program per ``BLOCK_T`` rows: each program would stream the
 whole ``[E, H]`` weight through one SM. There the launch splits the hidden dimension over ``SPLIT``
@@ -75,6 +77,7 @@ def _router_kernel(
     DOT_PRECISION: tl.constexpr,
     WIDEN_DOT: tl.constexpr,
     PRECISE_NORM: tl.constexpr,
+    SQUARES_BY_DOT: tl.constexpr,
 ):
     block = tl.program_id(0)
     part = tl.program_id(1)
@@ -86,9 +89,14 @@ def _router_kernel(
     hh = tl.arange(0, BLOCK_H)
 
     acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
-    # Squares accumulate elementwise and reduce once after the loop: a reduction across lanes every step
-    # would sit between the loads and the product.
-    squares = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
+    if SQUARES_BY_DOT:
+        # x x^T on the tensor cores: its diagonal is each row's sum of squares (16-bit products are exact
+        # in float32, the sum float32 as the elementwise one is), and x has no use outside the products.
+        squares = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
+    else:
+        # Squares accumulate elementwise and reduce once after the loop: a reduction across lanes every
+        # step would sit between the loads and the product.
+        squares = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
     # This program's share of the hidden dimension: STEPS slices of BLOCK_H from its part's start.
     h_start = part * (STEPS * BLOCK_H)
     for step in range(STEPS):
@@ -103,23 +111,30 @@ def _router_kernel(
                         mask=row_ok[:, None] & h_ok[None, :], other=0.0)
             w = tl.load(w_ptr + experts[None, :] * stride_we + h[:, None] * stride_wh,
                         mask=expert_ok[None, :] & h_ok[:, None], other=0.0)
-        wide = x.to(tl.float32)
-        # The product takes x from registers, not from the shared-memory copy the pipeline loaded: with
-        # both a register use (the squares) and the product's shared-memory use, Triton 3.6 gave x's
-        # copies one pipeline slot fewer than the asynchronous product needs, so the next slice's load
-        # overwrote a slice still being multiplied (wrong logits on up to 11% of rows on an H200, varying
-        # with the launch shape). The select is that register hop: 161 us at 65,536 tokens against the
-        # racy version's 139, and x is still read once (BENCHMARKS.md).
-        x = tl.where(row_ok[:, None], x, 0.0)
-        squares += wide * wide
         if WIDEN_DOT:
             # Triton 3.6's interpreter multiplies bfloat16 tiles as their raw uint16 bits: under it, the
             # kernel takes the bfloat16 values as (exact) float32 ones, and NumPy's float32 product is right.
             x = x.to(tl.float32)
             w = w.to(tl.float32)
+        if SQUARES_BY_DOT:
+            squares = tl.dot(x, tl.trans(x), squares, input_precision=DOT_PRECISION)
+        else:
+            wide = x.to(tl.float32)
+            # The product takes x from registers, not from the shared-memory copy the pipeline loaded:
+            # with both a register use (the squares) and the product's shared-memory use, Triton 3.6 gave
+            # x's copies one pipeline slot fewer than the asynchronous product needs, so the next slice's
+            # load overwrote a slice still being multiplied (wrong logits on up to 11% of rows on an H200,
+            # varying with the launch shape). The select is that register hop: 161 us at 65,536 tokens
+            # against the racy version's 139, and x is still read once (BENCHMARKS.md).
+            x = tl.where(row_ok[:, None], x, 0.0)
+            squares += wide * wide
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
 
-    squares = tl.sum(squares, axis=1)
+    if SQUARES_BY_DOT:
+        tt = tl.arange(0, BLOCK_T)
+        squares = tl.sum(tl.where(tt[:, None] == tt[None, :], squares, 0.0), axis=1)
+    else:
+        squares = tl.sum(squares, axis=1)
     if SPLIT == 1:
         _route_rows(acc, squares, rows, row_ok, experts, scale_ptr, weights_ptr, ids_ptr, logits_ptr, H, E,
                     stride_wt, stride_wk, stride_it, stride_ik, stride_lt, stride_le, eps, root_size,
@@ -251,6 +266,9 @@ def constexprs(dtype: torch.dtype, hidden: int, experts: int, topk: int, config:
         "DOT_PRECISION": "ieee" if interpret else dot_precision(dtype, float32_dot),
         "WIDEN_DOT": interpret and dtype == torch.bfloat16,
         "PRECISE_NORM": precise_norm,
+        # x x^T's accumulator is [BLOCK_T, BLOCK_T], the elementwise one [BLOCK_T, BLOCK_H]: beyond that the
+        # product costs registers (128-row tiles spilled on sm_80). float32 x would need TF32x3 products.
+        "SQUARES_BY_DOT": dtype != torch.float32 and config.block_t <= block_h,
     }
 
 

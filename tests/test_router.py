@@ -175,7 +175,8 @@ def test_forced_kernel_backend_past_the_fused_limits_says_so(gen, monkeypatch):
 @pytest.mark.parametrize("precise_norm", [True, False], ids=["precise-norm", "fast-norm"])
 def test_interpreted_launch_shapes_agree(gen, config, precise_norm):
     """Every launch shape, split or not, gives the same ids and the logits within the bound, with the norm's
-    sqrt and division correctly rounded or not (``precise_norm``, Intel's table turns it off)."""
+    sqrt and division correctly rounded or not (``precise_norm``, Intel's table turns it off), and the sums
+    of squares from ``x @ x.T`` (block_t <= block_h) or elementwise ("split3")."""
     x, weight, scale, pes = _inputs(gen, 35, 200, 24, torch.bfloat16, torch.device("cpu"))
     shape = (35, 3)
     w, i = torch.empty(shape), torch.empty(shape, dtype=torch.int32)
