@@ -281,7 +281,7 @@ def test_gpu_router_every_bucket(gpu_target, gen, dtype, tokens):
 
 def test_gpu_router_is_bitwise_reproducible_and_graph_safe(gpu_target, gen):
     """Split launches add their partials in a fixed order: repeats are bitwise equal, eager and in a CUDA
-    graph replayed several times (the counters are left zero after every launch)."""
+    graph replayed several times (no state outlives a launch)."""
     _, device = gpu_target
     for tokens in (3, 200, 3000):
         x, weight, scale, pes = _inputs(gen, tokens, 2816, 128, torch.bfloat16, device)
