@@ -8,6 +8,8 @@ signed zeros, infinities and fully masked rows. Fresh random inputs every run (t
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from oracle import oracle
@@ -100,6 +102,48 @@ def test_ties_beyond_the_kth_place(gen):
             x[:, 61] = -0.0  # ±0 tied at the K-th place
             x[:, 40:50] = 7.0
             _assert_like_oracle(torch.where(x == 0.5, 0.0, x).to(dtype), 12, None, True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_small_path_outputs_never_alias_its_buffers(dtype, gen):
+    """Few rows are selected into buffers kept per thread (reference._small_selection): what a call returns
+    must survive the next call of the same shape, on either its settled or its fixed path."""
+    for rows in (1, 3, 40, reference.PACKED_MIN_ROWS - 1):
+        for mode in ("plain", "ties"):
+            first = _logits(mode, rows, 128, dtype, gen)
+            outputs = [route_torch(first, 8, None, True), reference_route(first, 8, None, True)]
+            kept = [tuple(t.clone() for t in out) for out in outputs]
+            for _ in range(2):
+                route_torch(_logits(mode, rows, 128, dtype, gen), 8, None, True)
+                reference_route(_logits(mode, rows, 128, dtype, gen), 8, None, True)
+            for out, copy in zip(outputs, kept, strict=True):
+                assert all(torch.equal(a, b) for a, b in zip(out, copy, strict=True))
+            _assert_like_oracle(first, 8, None, True)
+
+
+def test_small_path_in_threads(gen):
+    """Eight threads routing few rows at once, each through its own buffers: every result is the oracle's."""
+    cases = [(_logits(mode, rows, 128, dtype, gen), torch.rand(128, generator=gen) + 0.5)
+             for rows in (1, 4, 33) for dtype in DTYPES for mode in ("plain", "ties")]
+    wanted = [oracle(x, 8, scale, True) for x, scale in cases]
+    failures = []
+    start = threading.Barrier(8)
+
+    def work(offset: int) -> None:
+        start.wait()
+        for step in range(60):
+            i = (offset + step) % len(cases)
+            w, ids = route_torch(cases[i][0], 8, cases[i][1], True)
+            if not torch.equal(ids.long(), wanted[i][1]) or not torch.allclose(w.double(), wanted[i][0],
+                                                                             rtol=1e-5, atol=1e-6):
+                failures.append(i)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
 
 
 @pytest.mark.parametrize("rows", [1, 40, reference.PACKED_MIN_ROWS])
