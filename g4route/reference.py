@@ -202,12 +202,15 @@ def _small_buffers(rows: int, k: int, dtype: torch.dtype) -> tuple[torch.Tensor,
     if buffers is None:
         if len(cache) >= 64:
             cache.clear()
-        vals = torch.empty(rows, k + 1, dtype=dtype)
-        ids = torch.empty(rows, k + 1, dtype=torch.int64)
-        shape, strides = (rows, k), (k + 1, 1)
-        buffers = cache[key] = (vals, ids, vals.as_strided(shape, strides), vals.as_strided(shape, strides, 1),
-                                ids.as_strided(shape, strides), torch.empty(shape, dtype=torch.bool),
-                                torch.ones(shape, dtype=torch.bool))
+        # Normal tensors even when the first call comes under torch.inference_mode(): an inference tensor
+        # cannot be written in place outside it, and the next call may come from outside.
+        with torch.inference_mode(False):
+            vals = torch.empty(rows, k + 1, dtype=dtype)
+            ids = torch.empty(rows, k + 1, dtype=torch.int64)
+            shape, strides = (rows, k), (k + 1, 1)
+            buffers = cache[key] = (vals, ids, vals.as_strided(shape, strides),
+                                    vals.as_strided(shape, strides, 1), ids.as_strided(shape, strides),
+                                    torch.empty(shape, dtype=torch.bool), torch.ones(shape, dtype=torch.bool))
     return buffers
 
 
@@ -375,8 +378,9 @@ def _scratch(rows: int, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, t
     buffers = getattr(_SCRATCH, "buffers", None)
     if buffers is None or buffers[0].numel() < need or buffers[2].numel() < rows:
         size, index_size = max(need, _CHUNK_ROWS * 128), max(rows, _CHUNK_ROWS)
-        buffers = (torch.empty(size, dtype=torch.float32), torch.empty(size, dtype=torch.int32),
-                   torch.empty(index_size, dtype=_SCATTER_INDEX))
+        with torch.inference_mode(False):  # see _small_buffers
+            buffers = (torch.empty(size, dtype=torch.float32), torch.empty(size, dtype=torch.int32),
+                       torch.empty(index_size, dtype=_SCATTER_INDEX))
         _SCRATCH.buffers = buffers
     keys, sign, where = buffers
     return keys[:need].view(rows, num_experts), sign[:need].view(rows, num_experts), where[:rows].view(rows, 1)

@@ -146,6 +146,30 @@ def test_small_path_in_threads(gen):
     assert not failures
 
 
+@pytest.mark.parametrize("rows", [1, 40, reference.PACKED_MIN_ROWS + 5])
+def test_buffers_made_under_inference_mode_serve_calls_outside_it(rows, gen):
+    """The buffers kept per thread (few rows, and the packed keys' scratch) are made by the thread's first
+    call: made under torch.inference_mode() they must still take in-place writes outside it (an inference
+    tensor cannot), as an engine's warm-up under inference mode followed by ordinary calls would need."""
+    cases = [_logits("plain", rows, 128, dtype, gen) for dtype in DTYPES for _ in range(2)]
+    failures: list[str] = []
+
+    def fresh_thread() -> None:  # a new thread has no buffers yet
+        try:
+            with torch.inference_mode():
+                for x in cases[::2]:
+                    _assert_like_oracle(x, 8, None, True)
+            for x in cases:
+                _assert_like_oracle(x, 8, None, True)
+        except Exception as exc:  # reported below, with its type
+            failures.append(repr(exc))
+
+    thread = threading.Thread(target=fresh_thread)
+    thread.start()
+    thread.join()
+    assert not failures, failures[0]
+
+
 @pytest.mark.parametrize("rows", [1, 40, reference.PACKED_MIN_ROWS])
 def test_weights_are_differentiable(rows, gen):
     """reference_route's weights carry gradients to the logits and the scale, as the float64 oracle's do."""
