@@ -214,6 +214,12 @@ def _small_buffers(rows: int, k: int, dtype: torch.dtype) -> tuple[torch.Tensor,
     return buffers
 
 
+def _records(logits: torch.Tensor, scale: torch.Tensor | None) -> bool:
+    """Whether autograd records this call. Then the ids must not be :func:`_small_selection`'s buffer: the
+    scale's gradient saves them (``index_select``), and the thread's next call would overwrite them."""
+    return torch.is_grad_enabled() and (logits.requires_grad or (scale is not None and scale.requires_grad))
+
+
 def _small_selection(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
     """(ids, chosen logits, whether the ids are a buffer) ``[T, K]`` of few CPU rows (``_SMALL_ROWS``) with
     no autograd to record: ``torch.topk`` of ``K + 1`` into this thread's buffers, one compare of each
@@ -455,8 +461,7 @@ def route_torch(
     """The ``torch`` backend's fresh outputs: :func:`reference_route` in float32, with int32 ids
     (contiguous, as route() returns them)."""
     T, E = logits.shape
-    if (0 < T < _SMALL_ROWS.get(logits.dtype, 0) and topk < E <= 4096 and logits.is_cpu
-            and not (logits.requires_grad and torch.is_grad_enabled())):
+    if 0 < T < _SMALL_ROWS.get(logits.dtype, 0) and topk < E <= 4096 and logits.is_cpu and not _records(logits, scale):
         # _route's small path, with its usual case written out: below a hundred rows each Python step
         # shows (at one token, the general branches cost a tenth of the call).
         picked = _small_selection(logits, topk)
@@ -486,7 +491,7 @@ def _route(
     T, E = logits.shape
     small = None
     if 0 < T < _SMALL_ROWS.get(logits.dtype, 0) and topk < E <= 4096 and logits.is_cpu:
-        if not (logits.requires_grad and torch.is_grad_enabled()):
+        if not _records(logits, scale):
             small = _small_selection(logits, topk)
         elif T <= _FEW_ROWS:
             small = (*_ids_by_topk_few(logits, topk), False)

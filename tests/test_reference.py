@@ -170,6 +170,20 @@ def test_buffers_made_under_inference_mode_serve_calls_outside_it(rows, gen):
     assert not failures, failures[0]
 
 
+@pytest.mark.parametrize("rows", [1, 40])
+def test_scale_gradient_with_frozen_logits_over_two_calls(rows, gen):
+    """Logits that need no gradient but a scale that does (a frozen projection, a trained per-expert
+    scale), two layers' calls before one backward: the ids that the scale's gradient keeps must be each
+    call's own, not a buffer the next call overwrites."""
+    scale = (torch.rand(128, generator=gen) + 0.5).requires_grad_(True)
+    xs = [_logits("plain", rows, 128, torch.float32, gen) for _ in range(2)]
+    total = sum(route_torch(x, 8, scale, True)[0].sum() for x in xs)
+    total.backward()
+    s64 = scale.detach().double().requires_grad_(True)
+    sum(oracle(x, 8, s64, True)[0].sum() for x in xs).backward()
+    torch.testing.assert_close(scale.grad.double(), s64.grad, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("rows", [1, 40, reference.PACKED_MIN_ROWS])
 def test_weights_are_differentiable(rows, gen):
     """reference_route's weights carry gradients to the logits and the scale, as the float64 oracle's do."""
