@@ -46,8 +46,8 @@ def sweep(tokens: int, dtype: torch.dtype, device: torch.device):
     copies = max(1, min(32, (256 << 20) // ((tokens + E) * H * dtype.itemsize)))
     pairs = [(torch.randn(tokens, H, device=device).to(dtype), (torch.randn(E, H, device=device) * H**-0.5).to(dtype))
              for _ in range(copies)]
-    torch.rand(H, device=device) + 0.5
     pes = torch.rand(E, device=device) + 0.5
+    options = registry.select(device, E, K).router_options()  # the vendor table's choices, as router() has them
     weights = torch.empty(tokens, K, device=device)
     ids = torch.empty(tokens, K, dtype=torch.int32, device=device)
     state = {"i": 0}
@@ -55,7 +55,7 @@ def sweep(tokens: int, dtype: torch.dtype, device: torch.device):
     def call(config):
         state["i"] = (state["i"] + 1) % copies
         x, w = pairs[state["i"]]
-        router_kernel.launch(x, w, K, pes, 1e-6, True, weights, ids, None, config)
+        router_kernel.launch(x, w, K, pes, 1e-6, True, weights, ids, None, config, **options)
 
     results, reference = [], None
     for config in grid(tokens):

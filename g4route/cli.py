@@ -67,8 +67,9 @@ def cmd_info(args) -> int:
             print(f"    {str(dtype).removeprefix('torch.'):<9} {cfgs}")
         options = backend.router_options()
         product = "NumPy's float32" if backend.interpret else options["float32_dot"]
+        squares = "x @ x.T" if options["squares_by_dot"] else "elementwise"
         print(f"    router() (block_t/block_h/split/warps/stages; float32 product {product}, "
-              f"{'correctly rounded' if options['precise_norm'] else 'hardware'} norm):")
+              f"{'correctly rounded' if options['precise_norm'] else 'hardware'} norm, 16-bit squares {squares}):")
         for dtype in (torch.bfloat16, torch.float32):
             cfgs = ", ".join(f"T={t}: {'/'.join(str(v) for v in backend.router_config_for(device, t, dtype))}"
                              for t in INFO_TOKENS)

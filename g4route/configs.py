@@ -89,6 +89,9 @@ class Table:
     # The backward writes a tile's zeros, then (after a barrier) each row's K values at their columns, instead
     # of spreading them by a one-hot: only where the barrier is known to order two stores to one address.
     backward_scatter: bool = False
+    # The fused router takes 16-bit hidden states' sums of squares from a tensor-core product x @ x.T
+    # (router_kernel.SQUARES_BY_DOT) instead of squaring them in registers.
+    router_squares_by_dot: bool = False
 
     def family_for(self, device_names: Sequence[str]) -> Family:
         """The first family matching any of ``device_names``, else the vendor default."""
@@ -184,7 +187,7 @@ def parse_table(text: str, source: str) -> Table:
     """Parse and check one table; errors name the file and the row."""
     raw = tomllib.loads(text)
     unknown = set(raw) - {"vendor", "family", "default", "float32_dot", "precise_norm", "backward_one_hot",
-                            "backward_scatter"}
+                            "backward_scatter", "router_squares_by_dot"}
     if unknown:
         raise ValueError(f"{source}: unknown top-level keys {sorted(unknown)}")
     float32_dot = str(raw.get("float32_dot", "tf32x3"))
@@ -201,11 +204,13 @@ def parse_table(text: str, source: str) -> Table:
     one_hot = raw.get("backward_one_hot", BACKWARD_ONE_HOT)
     if isinstance(one_hot, bool) or not isinstance(one_hot, int) or one_hot < 1 or one_hot & (one_hot - 1):
         raise ValueError(f"{source}: backward_one_hot must be a power of two, got {one_hot!r}")
-    scatter = raw.get("backward_scatter", False)
-    if not isinstance(scatter, bool):
-        raise ValueError(f"{source}: backward_scatter must be true or false, got {scatter!r}")
+    flags = {}
+    for name in ("backward_scatter", "router_squares_by_dot"):
+        flags[name] = raw.get(name, False)
+        if not isinstance(flags[name], bool):
+            raise ValueError(f"{source}: {name} must be true or false, got {flags[name]!r}")
     return Table(str(raw.get("vendor", "")), families, _parse_family(raw["default"], "default", source), source,
-                 float32_dot, precise_norm, one_hot, scatter)
+                 float32_dot, precise_norm, one_hot, **flags)
 
 
 @functools.cache

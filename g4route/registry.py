@@ -83,9 +83,11 @@ class Backend:
 
     def router_options(self) -> dict:
         """The fused router's vendor-wide choices from the table: ``float32_dot`` (the tensor cores' precision
-        for float32 hidden states) and ``precise_norm`` (correctly rounded sqrt and division in the norm)."""
+        for float32 hidden states), ``precise_norm`` (correctly rounded sqrt and division in the norm) and
+        ``squares_by_dot`` (16-bit hidden states' sums of squares from a tensor-core product)."""
         table = configs.load_table(self.table)
-        return {"float32_dot": table.float32_dot, "precise_norm": table.precise_norm}
+        return {"float32_dot": table.float32_dot, "precise_norm": table.precise_norm,
+                "squares_by_dot": table.router_squares_by_dot}
 
     def family_name(self, device: torch.device) -> str:
         return "-" if self.table is None else _family(self.table, device).name

@@ -12,9 +12,11 @@ float32 beside a tensor-core product ``x @ V.T`` with float32 accumulation, wher
 the norm and selects the top-K in registers: the logits never go to memory (unless ``return_logits``
 asks for them). ``x`` goes to the tensor cores as loaded: forming ``x * scale`` in the loop instead put
 the elementwise work between the loads and the product and cost 100 of 240 us at 65,536 tokens on an
-H200 (BENCHMARKS.md). For 16-bit ``x`` the sums of squares come from the tensor cores too, as the diagonal
-of ``x @ x.T`` (``SQUARES_BY_DOT``), so ``x`` has no use in registers: squaring it elementwise needs a
-register copy, which cost 6% at 65,536 tokens on an H100 (see the loop for why that copy is there).
+H200 (BENCHMARKS.md). Where the vendor table says so (``router_squares_by_dot``: NVIDIA), 16-bit ``x``'s
+sums of squares come from the tensor cores too, as the diagonal of ``x @ x.T`` (``SQUARES_BY_DOT``), so
+``x`` has no use in registers: squaring it elementwise needs a register copy, which cost 6% at 65,536
+tokens on an H100 (see the loop for why that copy is there); on Intel's pvc stand-in the transposed
+product spilled.
 
 Few tokens cannot fill the GPU with one program per ``BLOCK_T`` rows: each program would stream the
 whole ``[E, H]`` weight through one SM. There the launch splits the hidden dimension over ``SPLIT``
@@ -241,7 +243,7 @@ def dot_precision(dtype: torch.dtype, float32_dot: str = "tf32x3") -> str:
 
 def constexprs(dtype: torch.dtype, hidden: int, experts: int, topk: int, config: RouterConfig, has_scale: bool,
                renormalize: bool, write_logits: bool, interpret: bool = False, float32_dot: str = "tf32x3",
-               precise_norm: bool = True) -> dict:
+               precise_norm: bool = True, squares_by_dot: bool = False) -> dict:
     """The kernel's compile-time arguments for one call shape (shared with the ahead-of-time compiles)."""
     # float32 tiles take the same bytes a pipeline stage as 16-bit ones (shared memory bounds the stages).
     block_h = max(16, config.block_h * 2 // dtype.itemsize)
@@ -268,7 +270,7 @@ def constexprs(dtype: torch.dtype, hidden: int, experts: int, topk: int, config:
         "PRECISE_NORM": precise_norm,
         # x x^T's accumulator is [BLOCK_T, BLOCK_T], the elementwise one [BLOCK_T, BLOCK_H]: beyond that the
         # product costs registers (128-row tiles spilled on sm_80). float32 x would need TF32x3 products.
-        "SQUARES_BY_DOT": dtype != torch.float32 and config.block_t <= block_h,
+        "SQUARES_BY_DOT": squares_by_dot and dtype != torch.float32 and config.block_t <= block_h,
     }
 
 
@@ -311,7 +313,7 @@ def reduce_constexprs(meta: dict) -> dict:
 def launch(hidden: torch.Tensor, weight: torch.Tensor, topk: int, scale: torch.Tensor | None, eps: float,
            renormalize: bool, weights: torch.Tensor, ids: torch.Tensor, logits: torch.Tensor | None,
            config: RouterConfig, interpret: bool = False, float32_dot: str = "tf32x3",
-           precise_norm: bool = True) -> None:
+           precise_norm: bool = True, squares_by_dot: bool = False) -> None:
     """Run the fused router on ``[T, H]`` hidden states and an ``[E, H]`` weight (the norm's scale folded in:
     ``router.folded_weight``), writing ``[T, K]`` weights
     and ids (and the ``[T, E]`` float32 logits where ``logits`` is given).
@@ -325,7 +327,7 @@ def launch(hidden: torch.Tensor, weight: torch.Tensor, topk: int, scale: torch.T
         return
     E = weight.shape[0]
     meta = constexprs(hidden.dtype, H, E, topk, config, scale is not None, renormalize, logits is not None, interpret,
-                      float32_dot, precise_norm)
+                      float32_dot, precise_norm, squares_by_dot)
     blocks = -(-T // config.block_t)
     partials = squares = None
     if meta["SPLIT"] > 1:

@@ -152,10 +152,12 @@ _CATCH_ALL = "{ rows_per_program = 1, num_warps = 1 }"
          f"{_CATCH_ALL}]\n", r"unknown dtypes \['float64'\]"),
         (f"backward_one_hot = 3000\n[default]\nbuckets = [{_CATCH_ALL}]\n", "backward_one_hot must be a power"),
         (f"backward_scatter = 1\n[default]\nbuckets = [{_CATCH_ALL}]\n", "backward_scatter must be true or false"),
+        (f"router_squares_by_dot = 'yes'\n[default]\nbuckets = [{_CATCH_ALL}]\n",
+         "router_squares_by_dot must be true or false"),
     ],
     ids=["no-default", "empty-buckets", "no-buckets-key", "family-no-buckets", "no-catch-all-max-tokens",
          "no-catch-all-dtypes", "num-warps-3", "num-warps-0", "rows-6", "unknown-key", "missing-key",
-         "lanes-3", "lanes-negative", "unknown-dtype", "one-hot-3000", "scatter-int"],
+         "lanes-3", "lanes-negative", "unknown-dtype", "one-hot-3000", "scatter-int", "squares-str"],
 )
 def test_errors_name_the_source(text, match):
     with pytest.raises(ValueError, match=match) as info:
@@ -256,6 +258,9 @@ def test_backward_keys_are_read_and_default_to_the_one_hot():
     tuned = configs.parse_table("backward_one_hot = 1024\nbackward_scatter = true\n" + text, SOURCE)
     assert (tuned.backward_one_hot, tuned.backward_scatter) == (1024, True)
     assert configs.load_table("cuda").backward_scatter and not configs.load_table("rocm").backward_scatter
+    assert not plain.router_squares_by_dot
+    assert configs.parse_table("router_squares_by_dot = true\n" + text, SOURCE).router_squares_by_dot
+    assert configs.load_table("cuda").router_squares_by_dot and not configs.load_table("xpu").router_squares_by_dot
 
 
 def test_lanes_per_row_is_read_and_defaults_to_a_whole_row():

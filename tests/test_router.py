@@ -173,16 +173,17 @@ def test_forced_kernel_backend_past_the_fused_limits_says_so(gen, monkeypatch):
 @pytest.mark.parametrize("config", [RouterConfig(16, 32, 1, 4, 1), RouterConfig(32, 16, 3, 4, 1),
                                     RouterConfig(16, 64, 8, 4, 1)], ids=["no-split", "split3", "split-clamped"])
 @pytest.mark.parametrize("precise_norm", [True, False], ids=["precise-norm", "fast-norm"])
-def test_interpreted_launch_shapes_agree(gen, config, precise_norm):
+@pytest.mark.parametrize("squares_by_dot", [True, False], ids=["squares-dot", "squares-elementwise"])
+def test_interpreted_launch_shapes_agree(gen, config, precise_norm, squares_by_dot):
     """Every launch shape, split or not, gives the same ids and the logits within the bound, with the norm's
     sqrt and division correctly rounded or not (``precise_norm``, Intel's table turns it off), and the sums
-    of squares from ``x @ x.T`` (block_t <= block_h) or elementwise ("split3")."""
+    of squares from ``x @ x.T`` (NVIDIA's table; not where block_t > block_h, "split3") or elementwise."""
     x, weight, scale, pes = _inputs(gen, 35, 200, 24, torch.bfloat16, torch.device("cpu"))
     shape = (35, 3)
     w, i = torch.empty(shape), torch.empty(shape, dtype=torch.int32)
     lg = torch.empty(35, 24)
     router_kernel.launch(x, folded_weight(weight, scale), 3, pes, EPS, True, w, i, lg, config, interpret=True,
-                         precise_norm=precise_norm)
+                         precise_norm=precise_norm, squares_by_dot=squares_by_dot)
     oracle = oracle_logits(x, weight, scale)
     assert bool(((lg.double() - oracle).abs() <= logit_error_bound(x, weight, scale)).all())
     want_w, want_i = g4route.route(lg, 3, pes)
