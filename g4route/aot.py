@@ -525,10 +525,8 @@ def compile_router(tgt: Target, dtype: torch.dtype, config: RouterConfig, tokens
     import triton
     from triton.compiler import ASTSource
 
-    table = configs.load_table(tgt.table)
     meta = router_kernel.constexprs(dtype, hidden, experts, topk, config, True, True, False,
-                                    float32_dot=table.float32_dot, precise_norm=table.precise_norm,
-                                    squares_by_dot=table.router_squares_by_dot)
+                                    **configs.load_table(tgt.table).router_options())
     x = torch.empty(tokens, hidden, dtype=dtype, device="meta")
     weight = torch.empty(experts, hidden, dtype=dtype, device="meta")
     weights = torch.empty(tokens, topk, dtype=torch.float32, device="meta")

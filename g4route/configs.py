@@ -93,6 +93,11 @@ class Table:
     # (router_kernel.SQUARES_BY_DOT) instead of squaring them in registers.
     router_squares_by_dot: bool = False
 
+    def router_options(self) -> dict:
+        """The fused router's vendor-wide choices, as ``router_kernel.launch`` and ``constexprs`` take them."""
+        return {"float32_dot": self.float32_dot, "precise_norm": self.precise_norm,
+                "squares_by_dot": self.router_squares_by_dot}
+
     def family_for(self, device_names: Sequence[str]) -> Family:
         """The first family matching any of ``device_names``, else the vendor default."""
         for family in self.families:

@@ -460,21 +460,6 @@ def route_torch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``torch`` backend's fresh outputs: :func:`reference_route` in float32, with int32 ids
     (contiguous, as route() returns them)."""
-    T, E = logits.shape
-    if 0 < T < _SMALL_ROWS.get(logits.dtype, 0) and topk < E <= 4096 and logits.is_cpu and not _records(logits, scale):
-        # _route's small path, with its usual case written out: below a hundred rows each Python step
-        # shows (at one token, the general branches cost a tenth of the call).
-        picked = _small_selection(logits, topk)
-        if picked is not None:
-            ids, chosen, _ = picked
-            if renormalize and T <= _SOFTMAX_MAX_ROWS:
-                w = torch.softmax(chosen, -1) if chosen.dtype is torch.float32 else \
-                    torch.softmax(chosen, -1, dtype=torch.float32)
-            else:
-                w = _softmax_weights(chosen, logits, ids, renormalize, torch.float32)
-            if scale is not None:
-                w = _times_scale(w, scale, ids, torch.float32)
-            return w, ids.int()
     w, ids, ids32 = _route(logits, topk, scale, renormalize, torch.float32)
     return w, ids.int() if ids32 is None else ids32
 
@@ -513,44 +498,32 @@ def _route(
         chosen = torch.where(masked, 0.0, chosen)
         if not renormalize:
             logits = torch.where(masked, 0.0, logits)
-    w = _softmax_weights(chosen, logits, ids, renormalize, compute_dtype)
-    if masked is not None:
-        # The first chosen logit is the row's maximum; -inf there means every expert is masked, where
-        # softmax gives NaN: weight 0 instead.
-        w = torch.where(masked, 0.0, w)
-    if scale is not None:
-        w = _times_scale(w, scale, ids, compute_dtype)
-    if buffered:  # this thread's buffer: never returned
-        return w, None, ids.int()
-    return w, ids, ids32
-
-
-def _softmax_weights(chosen: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, renormalize: bool,
-                     compute_dtype: torch.dtype) -> torch.Tensor:
-    """The unscaled weights ``[T, K]`` in ``compute_dtype`` from the chosen logits (descending, NaN first)."""
-    if not renormalize:
-        return torch.softmax(logits, -1, dtype=compute_dtype).gather(-1, ids)
-    T = chosen.shape[0]
-    if T > _SOFTMAX_MAX_ROWS:
+    if renormalize and T > _SOFTMAX_MAX_ROWS:
         # The chosen logits descend (NaN first), so the first is the row's maximum, as softmax would
         # subtract: same arithmetic, and NaN where softmax gives NaN.
         c = chosen if chosen.dtype == compute_dtype else chosen.to(compute_dtype)
         w = torch.exp(c - c.as_strided((T, 1), (c.stride(0), 1)))  # c[:, :1], at a third of its cost
         total = w.sum(-1, keepdim=True)
-        return w / total if w.requires_grad else w.div_(total)
-    if chosen.dtype == compute_dtype:
-        return torch.softmax(chosen, -1)
-    return torch.softmax(chosen, -1, dtype=compute_dtype)
-
-
-def _times_scale(w: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
-    """``w * scale[ids]``, in place where autograd allows it."""
-    table = scale if scale.dtype == compute_dtype else scale.to(compute_dtype)
-    # take's backward (index_put_ with accumulate) is slow on a CPU; index_select's is index_add_:
-    # 6.6 against 10.6 ms for a 16,384-token training step (BENCHMARKS.md).
-    factor = table.index_select(0, ids.reshape(-1)).view(ids.shape) if table.requires_grad else table.take(ids)
-    # In place saves an allocation, but softmax's backward reads its output: not while autograd records.
-    return w * factor if w.requires_grad else w.mul_(factor)
+        w = w / total if w.requires_grad else w.div_(total)
+    elif renormalize:
+        w = torch.softmax(chosen, -1) if chosen.dtype == compute_dtype else \
+            torch.softmax(chosen, -1, dtype=compute_dtype)
+    else:
+        w = torch.softmax(logits, -1, dtype=compute_dtype).gather(-1, ids)
+    if masked is not None:
+        # The first chosen logit is the row's maximum; -inf there means every expert is masked, where
+        # softmax gives NaN: weight 0 instead.
+        w = torch.where(masked, 0.0, w)
+    if scale is not None:
+        table = scale if scale.dtype == compute_dtype else scale.to(compute_dtype)
+        # take's backward (index_put_ with accumulate) is slow on a CPU; index_select's is index_add_:
+        # 6.6 against 10.6 ms for a 16,384-token training step (BENCHMARKS.md).
+        factor = table.index_select(0, ids.reshape(-1)).view(ids.shape) if table.requires_grad else table.take(ids)
+        # In place saves an allocation, but softmax's backward reads its output: not while autograd records.
+        w = w * factor if w.requires_grad else w.mul_(factor)
+    if buffered:  # this thread's buffer: never returned
+        return w, None, ids.int()
+    return w, ids, ids32
 
 
 def _no_masked_row(chosen: torch.Tensor) -> bool:

@@ -85,9 +85,7 @@ class Backend:
         """The fused router's vendor-wide choices from the table: ``float32_dot`` (the tensor cores' precision
         for float32 hidden states), ``precise_norm`` (correctly rounded sqrt and division in the norm) and
         ``squares_by_dot`` (16-bit hidden states' sums of squares from a tensor-core product)."""
-        table = configs.load_table(self.table)
-        return {"float32_dot": table.float32_dot, "precise_norm": table.precise_norm,
-                "squares_by_dot": table.router_squares_by_dot}
+        return configs.load_table(self.table).router_options()
 
     def family_name(self, device: torch.device) -> str:
         return "-" if self.table is None else _family(self.table, device).name
