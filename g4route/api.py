@@ -160,14 +160,13 @@ def route(
     # Python autograd wrapper cost about 100 us a training step at one token, three times the whole
     # step of eager autograd (BENCHMARKS.md). Any other call (every bad one included) takes the full
     # path. Dynamo is asked first (see _traced).
-    if (not _is_compiling() and out is None and type(gating_output) is torch.Tensor and gating_output.is_cpu
-            and gating_output.dtype in _LOGIT_DTYPES and gating_output.dim() == 2
-            and type(topk) is int and 1 <= topk <= gating_output.shape[1]
-            and (scale is None or (type(scale) is torch.Tensor and scale.is_cpu and scale.is_floating_point()
-                                   and scale.dim() == 1 and scale.shape[0] == gating_output.shape[1]))
-            and type(renormalize) is bool
-            and not _dispatch_modes() and not registry.forced_name()):
-        return route_torch(gating_output, topk, scale, renormalize)
+    if out is None and type(gating_output) is torch.Tensor and gating_output.is_cpu and not _is_compiling():
+        shape = gating_output.shape  # read once: each read builds a torch.Size
+        if (len(shape) == 2 and type(topk) is int and 1 <= topk <= shape[1] and gating_output.dtype in _LOGIT_DTYPES
+                and (scale is None or (type(scale) is torch.Tensor and scale.is_cpu and scale.is_floating_point()
+                                       and scale.shape == (shape[1],)))
+                and type(renormalize) is bool and not _dispatch_modes() and not registry.forced_name()):
+            return route_torch(gating_output, topk, scale, renormalize)
     logits = _check_logits(gating_output)
     num_experts = logits.shape[-1]
     topk = _check_topk(topk, num_experts)

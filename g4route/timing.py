@@ -44,6 +44,33 @@ def median_us(fn: Callable[[], object], device: torch.device, *, warmup: int = 5
     return statistics.median(start.elapsed_time(end) * 1e3 for start, end in pairs)
 
 
+def interleaved_host_us(
+    fns: dict[str, Callable[[], object]], *, rounds: int = 25, block_s: float = 2e-3
+) -> dict[str, float]:
+    """Median microseconds per call of each host-bound ``fn`` (CPU work), timed in alternating blocks.
+
+    Each round times a block of calls of every function in turn (about ``block_s`` seconds each), so a
+    host that slows down or speeds up mid-run (a busy neighbour, a frequency change) weighs on all of them
+    alike; timing one after the other let such drift decide which was faster.
+    """
+    sizes = {}
+    for name, fn in fns.items():
+        for _ in range(3):
+            fn()
+        start = time.perf_counter()
+        fn()
+        sizes[name] = max(1, min(5000, round(block_s / max(time.perf_counter() - start, 1e-7))))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            calls = sizes[name]
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            samples[name].append((time.perf_counter() - start) * 1e6 / calls)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
 def graph_median_us(fn: Callable[[], object], device: torch.device, *, calls: int = 20, reps: int = 30) -> float:
     """Median microseconds per ``fn()`` when ``calls`` of them replay from one CUDA graph.
 
