@@ -206,23 +206,25 @@ def _records(logits: torch.Tensor, scale: torch.Tensor | None) -> bool:
 
 def _checked_buffers(rows: int, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """For the checked topk of :func:`_route_few`: topk's values and ids ``[rows, K + 1]``, their views
-    (the first K values, the last K values, the first K ids), the step check ``[rows, K]`` and an
-    all-true one to compare it with."""
+    (the first K values, the last K values, the first K ids), the step check ``[rows, K]``, an all-true
+    one to compare it with, and the chosen logits ``[rows, K]`` made contiguous."""
     vals = torch.empty(rows, k + 1, dtype=dtype)
     ids = torch.empty(rows, k + 1, dtype=torch.int64)
     shape, strides = (rows, k), (k + 1, 1)
     return (vals, ids, vals.as_strided(shape, strides), vals.as_strided(shape, strides, 1),
-            ids.as_strided(shape, strides), torch.empty(shape, dtype=torch.bool), torch.ones(shape, dtype=torch.bool))
+            ids.as_strided(shape, strides), torch.empty(shape, dtype=torch.bool), torch.ones(shape, dtype=torch.bool),
+            torch.empty(shape, dtype=dtype))
 
 
-def _keyed_buffers(rows: int, k: int, num_experts: int) -> tuple[torch.Tensor, ...]:
+def _keyed_buffers(rows: int, k: int, num_experts: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """For :func:`_keyed_topk`: patterns and keys ``[rows, E]`` (int32), topk's keys and ids, the chosen
     patterns and logits ``[rows, K]``; with the flat views that ``index_select`` takes, made once (a view
-    costs about half a microsecond a call)."""
+    costs about half a microsecond a call), and the tables (a cached call costs a few percent of a call)."""
     index, keys = torch.empty(rows, num_experts, dtype=torch.int32), torch.empty(rows, num_experts, dtype=torch.int32)
     patterns, chosen = torch.empty(rows, k, dtype=torch.int32), torch.empty(rows, k)
     return (index, index.view(-1), keys, keys.view(-1), torch.empty(rows, k, dtype=torch.int32),
-            torch.empty(rows, k, dtype=torch.int64), patterns, patterns.view(-1), chosen, chosen.view(-1))
+            torch.empty(rows, k, dtype=torch.int64), patterns, patterns.view(-1), chosen, chosen.view(-1),
+            _key_table(dtype), _inverted_ids(num_experts), _value_table(dtype))
 
 
 def _keyed_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,20 +232,21 @@ def _keyed_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     of :func:`_table_keys` and one ``torch.topk`` of them; both are this thread's buffers, valid until its
     next call of this shape."""
     T, E = x.shape
-    key = (T, k, E, "keyed")
+    key = (T, k, E, x.dtype)
     try:
         buffers = _SMALL.cache[key]
     except (AttributeError, KeyError):
-        buffers = _new_buffers(key, _keyed_buffers, T, k, E)
-    index, index_flat, keys, keys_flat, vals, ids, patterns, patterns_flat, chosen, chosen_flat = buffers
+        buffers = _new_buffers(key, _keyed_buffers, T, k, E, x.dtype)
+    (index, index_flat, keys, keys_flat, vals, ids, patterns, patterns_flat, chosen, chosen_flat,
+     key_table, inverted_ids, value_table) = buffers
     index.copy_(x.view(torch.uint16))
-    torch.index_select(_key_table(x.dtype), 0, index_flat, out=keys_flat)
-    keys.bitwise_or_(_inverted_ids(E))
+    torch.index_select(key_table, 0, index_flat, out=keys_flat)
+    keys.bitwise_or_(inverted_ids)
     torch.topk(keys, k, out=(vals, ids))
     # The chosen logits in float32 from their bit patterns: fewer ops than gathering 16-bit logits and
     # widening them (softmax's own widening of 16-bit input costs more again).
     torch.gather(index, 1, ids, out=patterns)
-    torch.index_select(_value_table(x.dtype), 0, patterns_flat, out=chosen_flat)
+    torch.index_select(value_table, 0, patterns_flat, out=chosen_flat)
     return chosen, ids
 
 
@@ -268,7 +271,7 @@ def _route_few(x: torch.Tensor, k: int, scale: torch.Tensor | None) -> tuple[tor
             buffers = _SMALL.cache[key]
         except (AttributeError, KeyError):
             buffers = _new_buffers(key, _checked_buffers, T, k, dtype)
-        vals, ids, head, tail, head_ids, steps, all_true = buffers
+        vals, ids, head, tail, head_ids, steps, all_true, contiguous = buffers
         torch.topk(x, k + 1, out=(vals, ids))
         # NaN, -0.0 beside +0.0 and a row of -inf compare False.
         if T == 1:  # list compares cost less than tensor ops, and a row that ties is put right in Python
@@ -283,7 +286,8 @@ def _route_few(x: torch.Tensor, k: int, scale: torch.Tensor | None) -> tuple[tor
                 # as index_select takes them): fewer ops than an int64 tensor, take and int().
                 chosen, ids = head, torch.frombuffer(array.array("i", line[:k]), dtype=torch.int32)
         elif torch.equal(torch.gt(head, tail, out=steps), all_true):
-            chosen, ids = head, head_ids
+            # softmax of the strided head would copy it first, at twice this copy's cost (4 rows).
+            chosen, ids = contiguous.copy_(head) if T <= _SOFTMAX_MAX_ROWS else head, head_ids
         elif dtype is torch.float32:
             return None
     keyed = chosen is None
