@@ -51,7 +51,8 @@ def interleaved_host_us(
 
     Each round times a block of calls of every function in turn (about ``block_s`` seconds each), so a
     host that slows down or speeds up mid-run (a busy neighbour, a frequency change) weighs on all of them
-    alike; timing one after the other let such drift decide which was faster.
+    alike; timing one after the other let such drift decide which was faster. The order rotates from
+    round to round.
     """
     sizes = {}
     for name, fn in fns.items():
@@ -61,9 +62,12 @@ def interleaved_host_us(
         fn()
         sizes[name] = max(1, min(5000, round(block_s / max(time.perf_counter() - start, 1e-7))))
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            calls = sizes[name]
+    names = list(fns)
+    for r in range(rounds):
+        # Each round starts from the next function: whichever runs right after another that warmed the
+        # same code or data would otherwise be favoured every round.
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn, calls = fns[name], sizes[name]
             start = time.perf_counter()
             for _ in range(calls):
                 fn()
