@@ -245,7 +245,10 @@ def _keyed_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         buffers = _new_buffers(key, _keyed_buffers, T, k, E, x.dtype)
     (index, index_flat, keys, keys_flat, vals, ids, patterns, patterns_flat, chosen, chosen_flat,
      key_table, inverted_ids, value_table) = buffers
-    index.copy_(x.view(torch.uint16))
+    if _UNSIGNED_COPIES:
+        index.copy_(x.view(torch.uint16))
+    else:
+        index.copy_(x.view(torch.int16)).bitwise_and_(0xFFFF)
     torch.index_select(key_table, 0, index_flat, out=keys_flat)
     keys.bitwise_or_(inverted_ids)
     torch.topk(keys, k, out=(vals, ids))
@@ -355,8 +358,7 @@ def _key_table(dtype: torch.dtype) -> torch.Tensor:
     ``-0.0`` shares ``+0.0``'s and every NaN gets one key above ``+inf``. Indexed by the pattern read as
     an unsigned 16-bit integer.
     """
-    patterns = torch.arange(1 << 16, dtype=torch.int32).to(torch.uint16).view(dtype)
-    values = patterns.float()
+    values = _patterns(dtype).float()
     bits = (values + 0.0).view(torch.int32)  # IEEE: -0.0 + 0.0 == +0.0
     keys = bits ^ ((bits >> 31) & 0x7FFFFFFF)
     keys = torch.where(values.isnan(), 0x7FFFFFFF, keys)
@@ -366,7 +368,25 @@ def _key_table(dtype: torch.dtype) -> torch.Tensor:
 @functools.cache
 def _value_table(dtype: torch.dtype) -> torch.Tensor:
     """Every bit pattern of a 16-bit float ``dtype`` -> its value in float32, indexed as :func:`_key_table`."""
-    return torch.arange(1 << 16, dtype=torch.int32).to(torch.uint16).view(dtype).float()
+    return _patterns(dtype).float()
+
+
+def _patterns(dtype: torch.dtype) -> torch.Tensor:
+    """Every 16-bit pattern as ``dtype``, pattern ``p`` at index ``p`` (int16 wraps the upper half)."""
+    return torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(dtype)
+
+
+def _unsigned_copies() -> bool:
+    """Whether an int32 tensor takes a copy of ``torch.uint16`` values (PyTorch 2.3 added the dtype with
+    few ops): then a 16-bit tensor's patterns come as table indices in one copy, else in a copy and a mask."""
+    try:
+        return torch.zeros(2, dtype=torch.int32).copy_(torch.full((2,), -1.0, dtype=torch.bfloat16).view(
+            torch.uint16)).tolist() == [0xBF80, 0xBF80]
+    except (AttributeError, RuntimeError, TypeError):
+        return False
+
+
+_UNSIGNED_COPIES = _unsigned_copies()
 
 
 def _ids_by_key_table(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -196,3 +196,13 @@ def test_weights_are_differentiable(rows, gen):
     ref_w.sum().backward()
     torch.testing.assert_close(logits.grad.double(), x64.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(scale.grad.double(), s64.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_key_table_without_unsigned_copies(dtype, gen, monkeypatch):
+    """Where a PyTorch cannot copy torch.uint16 values (the dtype came with few ops), the key table's indices
+    come from the int16 patterns and a mask: the same exact selection, NaN, ±0 and ties included."""
+    monkeypatch.setattr(reference, "_UNSIGNED_COPIES", False)
+    for rows in (2, 40):
+        for mode in ("ties", "special"):
+            _assert_like_oracle(_logits(mode, rows, 128, dtype, gen), 8, torch.rand(128, generator=gen) + 0.5, True)
