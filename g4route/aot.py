@@ -519,9 +519,12 @@ def _router_ranges(family: configs.Family, table: configs.Table, dtype: torch.dt
 
 
 def compile_router(tgt: Target, dtype: torch.dtype, config: RouterConfig, tokens: int, experts: int = EXPERTS,
-                   topk: int = TOPK, hidden: int = ROUTER_HIDDEN, ocloc_device: str | None = None) -> tuple:
+                   topk: int = TOPK, hidden: int = ROUTER_HIDDEN, ocloc_device: str | None = None,
+                   fewest: int | None = None) -> tuple:
     """Compile the fused router for ``tgt`` as a call of ``tokens`` rows with ``config`` would: (main kernel's
-    stats, the second launch's stats or None)."""
+    stats, the second launch's stats or None). The second launch's shape depends on the rows
+    (``router_kernel.reduce_shape``): with ``fewest`` (the bucket's smallest T) each shape the bucket can
+    use is compiled, and the one that spills most is reported."""
     import triton
     from triton.compiler import ASTSource
 
@@ -551,10 +554,12 @@ def compile_router(tgt: Target, dtype: torch.dtype, config: RouterConfig, tokens
                     config.num_warps, config.num_stages)
     second = None
     if meta["SPLIT"] > 1:
-        second = stats_of(router_kernel._compiled_reduce,
-                          router_kernel.reduce_args(partials, squares, scale, weights, ids, None, hidden, experts,
-                                                    1e-6),
-                          router_kernel.reduce_constexprs(meta), 4, 1)
+        shapes = {router_kernel.reduce_shape(tokens), router_kernel.reduce_shape(fewest or tokens)}
+        compiled = [stats_of(router_kernel._compiled_reduce,
+                             router_kernel.reduce_args(partials, squares, scale, weights, ids, None, hidden, experts,
+                                                       1e-6),
+                             router_kernel.reduce_constexprs(meta, rows), warps, 1) for rows, warps in sorted(shapes)]
+        second = max(compiled, key=lambda st: (st.spills or 0, st.registers or 0))
     return main, second
 
 
@@ -574,7 +579,7 @@ def compile_router_all(targets: Sequence[Target], experts: int = EXPERTS, topk: 
                                     bucket.config)
                     try:
                         row.stats, row.reduce = compile_router(tgt, dtype, bucket.config, tokens, experts, topk,
-                                                               ocloc_device=ocloc_device)
+                                                               ocloc_device=ocloc_device, fewest=max(low, 1))
                     except Exception as exc:  # a compile error is a result to report
                         row.error = f"{type(exc).__name__}: {str(exc).strip()}"
                     rows.append(row)

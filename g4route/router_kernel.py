@@ -288,10 +288,15 @@ def runtime_args(hidden: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
             float(H) ** -0.5)
 
 
-# Rows a program of the split router's second launch adds up and routes: few, so that all SPLIT partials'
-# loads fit in registers at once (16 rows spilled at SPLIT = 22; a loop over them instead cost 1-3 us at
-# T <= 16 on an H200), and few tokens still spread over several programs.
-REDUCE_ROWS = 4
+def reduce_shape(tokens: int) -> tuple[int, int]:
+    """(rows a program, warps) of the split router's second launch for ``tokens`` rows.
+
+    Few rows, so that all SPLIT partials' loads fit in registers at once (16 rows spilled at SPLIT = 22; a
+    loop over them instead cost 1-3 us at T <= 16 on an H200). Up to 256 tokens one row on one warp: the
+    selection's reductions stay within the warp, and the second launch took 2.25-2.38 us where 4 rows on
+    4 warps took 2.65-2.85 (H100, 1 and 256 tokens); from 4,096 tokens 4 rows on 4 warps (4.43 us, one row
+    on one warp 4.87) (BENCHMARKS.md)."""
+    return (1, 1) if tokens <= 256 else (4, 4)
 
 
 def reduce_args(partials: torch.Tensor, squares: torch.Tensor, scale: torch.Tensor | None, weights: torch.Tensor,
@@ -304,10 +309,10 @@ def reduce_args(partials: torch.Tensor, squares: torch.Tensor, scale: torch.Tens
             float(eps), float(hidden_size) ** -0.5)
 
 
-def reduce_constexprs(meta: dict) -> dict:
-    """The second launch's compile-time arguments, from the first's."""
+def reduce_constexprs(meta: dict, rows: int) -> dict:
+    """The second launch's compile-time arguments, from the first's, for ``rows`` rows a program."""
     keep = ("K", "BLOCK_E", "BLOCK_K", "SPLIT", "EVEN_E", "HAS_SCALE", "RENORMALIZE", "WRITE_LOGITS", "PRECISE_NORM")
-    return {"BLOCK_T": REDUCE_ROWS, **{k: meta[k] for k in keep}}
+    return {"BLOCK_T": rows, **{k: meta[k] for k in keep}}
 
 
 def launch(hidden: torch.Tensor, weight: torch.Tensor, topk: int, scale: torch.Tensor | None, eps: float,
@@ -336,18 +341,19 @@ def launch(hidden: torch.Tensor, weight: torch.Tensor, topk: int, scale: torch.T
     args = runtime_args(hidden, weight, scale, weights, ids, logits, partials, squares, eps)
     grid = (blocks, meta["SPLIT"])
     if meta["SPLIT"] > 1:
-        second = (reduce_args(partials, squares, scale, weights, ids, logits, H, E, eps), reduce_constexprs(meta),
-                  (-(-T // REDUCE_ROWS),))
+        rows, warps = reduce_shape(T)
+        second = (reduce_args(partials, squares, scale, weights, ids, logits, H, E, eps),
+                  reduce_constexprs(meta, rows), (-(-T // rows),))
     if interpret:
         with kernel.interpreting():
             _interpreted_kernel[grid](*args, num_warps=config.num_warps, num_stages=config.num_stages, **meta)
             if meta["SPLIT"] > 1:
-                _interpreted_reduce[second[2]](*second[0], num_warps=4, **second[1])
+                _interpreted_reduce[second[2]](*second[0], num_warps=warps, **second[1])
         return
     previous = launcher.enter_device(hidden)
     try:
         _compiled_kernel[grid](*args, num_warps=config.num_warps, num_stages=config.num_stages, **meta)
         if meta["SPLIT"] > 1:
-            _compiled_reduce[second[2]](*second[0], num_warps=4, num_stages=1, **second[1])
+            _compiled_reduce[second[2]](*second[0], num_warps=warps, num_stages=1, **second[1])
     finally:
         launcher.leave_device(hidden, previous)
