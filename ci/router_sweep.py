@@ -2,7 +2,10 @@
 
 Run on a GPU machine from the repository root: ``PYTHONPATH=. python3 ci/router_sweep.py [--write FAMILY]
 [T,T,...]``; ``--write h200`` puts the fastest shapes into that family of ``backends/cuda.toml`` as its
-``router`` rows (after its ``buckets``, where ``g4route tune --write`` leaves them alone).
+``router`` rows (after its ``buckets``, where ``g4route tune --write`` leaves them alone; rows added by
+hand, such as the float32 ones, are replaced too). ``--float32 [T,T,...]`` sweeps float32 hidden states
+instead, over shapes that compile without spills for sm_90 (``python -m g4route.aot`` checks), and only
+prints: their rows are added by hand, with ``dtypes = ["float32"]``.
 For Gemma 4's shape (H = 2816, E = 128, K = 8, bfloat16 hidden states, scale and per-expert scale) it
 times ``router_kernel.launch`` alone as CUDA-graph replays, the hidden states and weight cycling through
 copies larger than the L2 cache, over a grid of (tokens a program, hidden slice, split, warps, stages)
@@ -28,7 +31,20 @@ from g4route.router_kernel import RouterConfig
 H, E, K = 2816, 128, 8
 
 
-def grid(tokens: int) -> list[RouterConfig]:
+# float32 hidden states: 64-column slices (32 float32 columns a step) and at most 64 rows; 128-column slices
+# of 32 or 64 rows spilled 248-336 B on sm_90, (16, 128, 4, 4, 3) 32 B (BENCHMARKS.md, eighth session).
+FLOAT32_GRID = {
+    256: [(16, 128, 22, 4, 2), (16, 64, 22, 4, 3), (16, 128, 11, 4, 3), (16, 64, 11, 4, 3)],
+    4096: [(16, 64, 4, 4, 4), (32, 64, 4, 4, 4), (32, 64, 2, 4, 4), (64, 64, 2, 4, 4), (64, 64, 4, 4, 4),
+           (16, 64, 8, 4, 4), (32, 64, 8, 4, 4)],
+    None: [(32, 64, 1, 4, 4), (64, 64, 1, 4, 3), (64, 64, 1, 4, 4)],
+}
+
+
+def grid(tokens: int, dtype: torch.dtype = torch.bfloat16) -> list[RouterConfig]:
+    if dtype == torch.float32:
+        bound = next(b for b in FLOAT32_GRID if b is None or tokens <= b)
+        return [RouterConfig(*s) for s in FLOAT32_GRID[bound]]
     if tokens <= 16:
         shapes = itertools.product([16], [128], [22, 44], [4], [2, 3])
     elif tokens <= 64:
@@ -58,7 +74,7 @@ def sweep(tokens: int, dtype: torch.dtype, device: torch.device):
         router_kernel.launch(x, w, K, pes, 1e-6, True, weights, ids, None, config, **options)
 
     results, reference = [], None
-    for config in grid(tokens):
+    for config in grid(tokens, dtype):
         state["i"] = copies - 1
         try:
             call(config)
@@ -98,18 +114,21 @@ def write_rows(path: Path, family: str, best: dict[int, RouterConfig], provenanc
 def main() -> None:
     args = sys.argv[1:]
     family = None
+    dtype = torch.bfloat16
     if args[:1] == ["--write"]:
         family, args = args[1], args[2:]
+    elif args[:1] == ["--float32"]:
+        dtype, args = torch.float32, args[1:]
     device = torch.device("cuda")
     tokens = [int(t) for t in args[0].split(",")] if args else [1, 16, 64, 256, 1024, 4096, 16384, 65536]
     backend = registry.select(device, E, K)
     name = torch.cuda.get_device_name(device)
-    print(f"# {name}, bfloat16, H={H} E={E} K={K}")
+    print(f"# {name}, {str(dtype).removeprefix('torch.')}, H={H} E={E} K={K}")
     best = {}
     for t in tokens:
-        ranked = sweep(t, torch.bfloat16, device)
+        ranked = sweep(t, dtype, device)
         best[t] = ranked[0][1]
-        current = backend.router_config_for(device, t, torch.bfloat16)
+        current = backend.router_config_for(device, t, dtype)
         mine = next((us for us, c in ranked if c == current), None)
         shown = "; ".join(f"{us:.2f} us {tuple(c)}" for us, c in ranked[:3])
         print(f"T={t}: {shown} | table {tuple(current)}: " + ("not in grid" if mine is None else f"{mine:.2f} us"),
