@@ -294,8 +294,8 @@ def reduce_shape(tokens: int) -> tuple[int, int]:
     Few rows, so that all SPLIT partials' loads fit in registers at once (16 rows spilled at SPLIT = 22; a
     loop over them instead cost 1-3 us at T <= 16 on an H200). Up to 256 tokens one row on one warp: the
     selection's reductions stay within the warp, and the second launch took 2.25-2.38 us where 4 rows on
-    4 warps took 2.65-2.85 (H100, 1 and 256 tokens); from 4,096 tokens 4 rows on 4 warps (4.43 us, one row
-    on one warp 4.87) (BENCHMARKS.md)."""
+    4 warps took 2.65-2.85 (H100, 1 and 256 tokens). Above, 4 rows on 4 warps as before: at 4,096 tokens
+    4.43 us, one row on one warp 4.87 (BENCHMARKS.md)."""
     return (1, 1) if tokens <= 256 else (4, 4)
 
 
