@@ -106,7 +106,7 @@ def test_ties_beyond_the_kth_place(gen):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_small_path_outputs_never_alias_its_buffers(dtype, gen):
-    """Few rows are selected into buffers kept per thread (reference._small_selection): what a call returns
+    """Few rows are selected into buffers kept per thread (reference._route_few): what a call returns
     must survive the next call of the same shape, on either its settled or its fixed path."""
     for rows in (1, 3, 40, reference.PACKED_MIN_ROWS - 1):
         for mode in ("plain", "ties"):
