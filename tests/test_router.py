@@ -113,6 +113,16 @@ def test_router_batched_strided_and_out(target, gen):
     assert torch.equal(i2, i) and torch.equal(w2, w)
 
 
+def test_router_second_launch_shapes(target, gen):
+    """The split router's second launch routes one row a program up to 256 tokens and four above
+    (router_kernel.reduce_shape): both shapes, and a last program with rows past T, match the oracle.
+    H = 256 spans several hidden slices, so the launch splits (the interpreter's table splits in two)."""
+    _, device = target
+    for tokens in (3, 257, 301):
+        x, weight, scale, pes = _inputs(gen, tokens, 256, 16, torch.bfloat16, device)
+        assert_router_matches_oracle(x, weight, 4, scale, pes)
+
+
 def test_router_edge_rows(target, gen):
     """A zero row (every logit 0: ids 0..K-1, equal weights), a NaN row (NaN weights, ids in range), huge and
     tiny magnitudes (the norm makes the logits scale-free)."""
