@@ -204,6 +204,13 @@ def _records(logits: torch.Tensor, scale: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and (logits.requires_grad or (scale is not None and scale.requires_grad))
 
 
+def _takes_few(logits: torch.Tensor, topk: int, scale: torch.Tensor | None) -> bool:
+    """Whether a renormalised call of these 2-D logits is :func:`_route_few`'s to serve: few CPU rows,
+    ``K < E <= 4096``, and nothing for autograd to record."""
+    T, E = logits.shape
+    return 0 < T < PACKED_MIN_ROWS and topk < E <= 4096 and logits.is_cpu and not _records(logits, scale)
+
+
 def _checked_buffers(rows: int, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """For the checked topk of :func:`_route_few`: topk's values and ids ``[rows, K + 1]``, their views
     (the first K values, the last K values, the first K ids), the step check ``[rows, K]``, an all-true
@@ -314,13 +321,11 @@ def _route_few(x: torch.Tensor, k: int, scale: torch.Tensor | None) -> tuple[tor
         w = torch.softmax(chosen if chosen.dtype is torch.float32 else chosen.float(), -1)
     if keyed and not torch.equal(w, w):
         return None  # NaN weights: a row held NaN or an infinity, or every logit was -inf
-    if ids.dtype is torch.int32:  # one row's ids, put right in Python (above)
-        if scale is not None:
-            w.mul_((scale if scale.dtype is torch.float32 else scale.float()).index_select(0, ids))
-        return w, ids.view(1, k)
+    fixed = ids.dtype is torch.int32  # one row's ids, put right in Python (above), 1-D
     if scale is not None:
-        w.mul_((scale if scale.dtype is torch.float32 else scale.float()).take(ids))
-    return w, ids.int()
+        table = scale if scale.dtype is torch.float32 else scale.float()
+        w.mul_(table.index_select(0, ids) if fixed else table.take(ids))
+    return (w, ids.view(1, k)) if fixed else (w, ids.int())
 
 
 def _ids_by_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -554,11 +559,8 @@ def route_torch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``torch`` backend's fresh outputs: :func:`reference_route` in float32, with int32 ids
     (contiguous, as route() returns them)."""
-    # Few rows first, with no detour: at one token each call level costs a few percent of the call.
-    T, E = logits.shape
-    if (renormalize and 0 < T < PACKED_MIN_ROWS and topk < E <= 4096 and logits.is_cpu
-            and not (torch.is_grad_enabled()
-                     and (logits.requires_grad or (scale is not None and scale.requires_grad)))):  # _records
+    # Few rows first, with no detour through _route: at one token each call level costs a few percent.
+    if renormalize and _takes_few(logits, topk, scale):
         few = _route_few(logits, topk, scale)
         if few is not None:
             return few
@@ -576,8 +578,7 @@ def _route(
     """Weights, and the int64 ids, the int32 ids or both (``None`` for the one not made): the path of few
     rows (:func:`_route_few`) makes only the int32 ones."""
     T = logits.shape[0]
-    if (renormalize and compute_dtype is torch.float32 and 0 < T < PACKED_MIN_ROWS and topk < logits.shape[1] <= 4096
-            and logits.is_cpu and not _records(logits, scale)):
+    if renormalize and compute_dtype is torch.float32 and _takes_few(logits, topk, scale):
         few = _route_few(logits, topk, scale)
         if few is not None:
             return few[0], None, few[1]
