@@ -69,7 +69,7 @@ def sweep(
     block_e = 1 << (num_experts - 1).bit_length()
     results = {}
     for t in tokens:
-        inputs = _inputs(t, num_experts, dtype, device, rotate=True)
+        inputs = _inputs(t, num_experts, dtype, device)
         oracle = reference_route(inputs[0], topk, scale, True, torch.float64)
         out = (torch.empty(t, topk, device=device), torch.empty(t, topk, dtype=torch.int32, device=device))
         measured = []
