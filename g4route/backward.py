@@ -342,10 +342,11 @@ def runtime_args(grad_weights: torch.Tensor, logits: torch.Tensor, weights: torc
                  partials: torch.Tensor | None) -> tuple:
     """The backward kernel's runtime arguments, in its parameter order (also what ``aot.py`` compiles
     for). Pointers never read (their constexpr flag is off) stand in as the logits, and the gradient of
-    the weights for missing weights."""
+    the weights for missing weights. The kernel reads scale[id] at ``scale_ptr + id``: a strided scale is
+    passed as a contiguous copy."""
     T, E = logits.shape
     saved = grad_weights if weights is None else weights
-    return (grad_weights, logits, saved, ids, logits if scale is None else scale,
+    return (grad_weights, logits, saved, ids, logits if scale is None else scale.contiguous(),
             logits if grad_logits is None else grad_logits, logits if partials is None else partials,
             T, E, *grad_weights.stride(), *logits.stride(), *saved.stride(), *ids.stride())
 

@@ -339,9 +339,10 @@ def constexprs(dtype: torch.dtype, num_experts: int, topk: int, config: LaunchCo
 def _runtime_args(logits: torch.Tensor, scale: torch.Tensor | None, weights: torch.Tensor,
                   ids: torch.Tensor) -> tuple:
     """The kernel's runtime arguments, in its parameter order (the scale pointer is never read when
-    HAS_SCALE is False, so the weights stand in for a missing scale)."""
+    HAS_SCALE is False, so the weights stand in for a missing scale). The kernel reads scale[id] at
+    ``scale_ptr + id``: a strided scale is passed as a contiguous copy."""
     T, E = logits.shape
-    return (logits, weights if scale is None else scale, weights, ids, T, E, *logits.stride(),
+    return (logits, weights if scale is None else scale.contiguous(), weights, ids, T, E, *logits.stride(),
             *weights.stride(), *ids.stride())
 
 

@@ -331,6 +331,8 @@ def launch(hidden: torch.Tensor, weight: torch.Tensor, topk: int, scale: torch.T
     if T == 0:
         return
     E = weight.shape[0]
+    if scale is not None:
+        scale = scale.contiguous()  # the kernels read scale[id] at scale_ptr + id
     meta = constexprs(hidden.dtype, H, E, topk, config, scale is not None, renormalize, logits is not None, interpret,
                       float32_dot, precise_norm, squares_by_dot)
     blocks = -(-T // config.block_t)

@@ -169,12 +169,12 @@ def test_changing_the_weights_in_place_before_the_backward_is_an_error(target, g
 
 
 def test_gradients_of_strided_and_batched_logits(target, gen):
-    """Strided rows (every other column of a wider leaf) and leading batch dims: the gradient lands in
-    the leaf's columns that were read, zero in the others."""
+    """Strided rows (every other column of a wider leaf), a strided scale and leading batch dims: the
+    gradient lands in the leaf's columns that were read, zero in the others."""
     _, device = target
     E, K = 32, 4
     wide = torch.randn(50, 2 * E, generator=gen).to(device).requires_grad_(True)
-    scale = (torch.rand(E, generator=gen) + 0.5).to(device)
+    scale = (torch.rand(2 * E, generator=gen) + 0.5).to(device)[::2]
     grad = torch.randn(50, K, generator=gen).to(device)
     weights, ids = g4route.route(wide[:, ::2], K, scale)
     weights.backward(grad)

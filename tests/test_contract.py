@@ -144,12 +144,26 @@ def test_out_buffers_are_written_in_place(target, gen):
     assert bool((big_w[:, :4] == 7).all() and (big_w[:, 12:] == 7).all() and (big_i[:, :4] == 7).all())
 
 
+@pytest.mark.parametrize("rows", [1, 21])
 @pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
-def test_scale_dtypes(target, gen, scale_dtype):
+def test_scale_dtypes(target, gen, scale_dtype, rows):
     _, device = target
-    logits = _logits(gen, (21, 128), torch.float32, device)
+    logits = _logits(gen, (rows, 128), torch.float32, device)
     scale = _scale(gen, 128, device, scale_dtype)
     assert_routes_like_oracle(g4route.route(logits, 8, scale), logits, 8, scale)
+
+
+@pytest.mark.parametrize("rows", [1, 21])
+def test_scale_layouts(target, gen, rows):
+    """A strided scale, and an nn.Parameter that requires grad (as Transformers holds Gemma 4's) under
+    no_grad, route as a plain contiguous one does."""
+    _, device = target
+    logits = _logits(gen, (rows, 128), torch.bfloat16, device)
+    strided = _scale(gen, 256, device)[::2]
+    parameter = torch.nn.Parameter(_scale(gen, 128, device))
+    with torch.no_grad():
+        for scale in (strided, parameter):
+            assert_routes_like_oracle(g4route.route(logits, 8, scale), logits, 8, scale)
 
 
 def test_weights_are_softmax_of_chosen(target, gen):

@@ -103,6 +103,7 @@ def test_router_batched_strided_and_out(target, gen):
     x, weight, scale, pes = _inputs(gen, 60, 128, 32, torch.bfloat16, device)
     wide = torch.cat([x, x], dim=1).view(3, 20, 256)[..., ::2]  # strided rows, leading dims
     assert_router_matches_oracle(wide, weight, 5, scale, pes)
+    assert_router_matches_oracle(wide, weight, 5, scale, torch.stack([pes, -pes], 1)[:, 0])  # a strided scale
     w, i, lg = g4route.router(wide, weight, 5, scale=scale, per_expert_scale=pes, return_logits=True)
     out = (torch.empty(3, 20, 5, device=device), torch.empty(3, 20, 5, dtype=torch.int32, device=device),
            torch.empty(3, 20, 32, device=device))
