@@ -14,6 +14,9 @@ from . import op, registry
 from .reference import route_torch
 
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# A scale of these types may take route()'s eager CPU path: an nn.Parameter (as Transformers holds Gemma 4's
+# per_expert_scale) behaves there as the tensor it holds (its __torch_function__ is disabled).
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def _check_logits(gating_output: object, name: str = "gating_output", last: str = "E") -> torch.Tensor:
@@ -105,7 +108,12 @@ def _traced(logits: torch.Tensor) -> bool:
 # Bound once: route() asks on every call. Dynamo must be asked first: it traces route() rather than
 # running it, so only is_compiling() (which it answers with a constant) is meaningful there.
 _is_compiling = torch.compiler.is_compiling
+# The eager CPU path asks only whether Dynamo is tracing (one Python frame where is_compiling() takes two:
+# Dynamo answers both with a constant); the other tracers show in the checks that follow it (a tensor
+# subclass, a dispatch mode).
+_dynamo_tracing = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
 _dispatch_modes = torch._C._len_torch_dispatch_stack
+_raw_env = registry.raw_env
 
 
 def route(
@@ -120,7 +128,8 @@ def route(
 
     Args:
         gating_output: router logits ``[..., E]``, float32, bfloat16 or float16; any leading shape;
-            rows may be strided. Arithmetic is float32 whatever the dtype.
+            rows may be strided. Arithmetic is float32 whatever the dtype (or finer: one CPU row's weights
+            are computed in double precision and rounded once).
         topk: K, the experts per token, ``1 <= K <= E``.
         per_expert_scale: ``[E]`` floating tensor on the same device, or ``None`` (all ones).
         renormalize: ``True`` (Gemma 4): weights are the softmax over the K chosen logits.
@@ -160,12 +169,12 @@ def route(
     # Python autograd wrapper cost about 100 us a training step at one token, three times the whole
     # step of eager autograd (BENCHMARKS.md). Any other call (every bad one included) takes the full
     # path. Dynamo is asked first (see _traced).
-    if out is None and type(gating_output) is torch.Tensor and gating_output.is_cpu and not _is_compiling():
+    if out is None and type(gating_output) is torch.Tensor and gating_output.is_cpu and not _dynamo_tracing():
         shape = gating_output.shape  # read once: each read builds a torch.Size
         if (len(shape) == 2 and type(topk) is int and 1 <= topk <= shape[1] and gating_output.dtype in _LOGIT_DTYPES
-                and (scale is None or (type(scale) is torch.Tensor and scale.is_cpu and scale.is_floating_point()
+                and (scale is None or (type(scale) in _PLAIN_TENSORS and scale.is_cpu and scale.is_floating_point()
                                        and scale.shape == (shape[1],)))
-                and type(renormalize) is bool and not _dispatch_modes() and not registry.forced_name()):
+                and type(renormalize) is bool and not _dispatch_modes() and _raw_env() is None):
             return route_torch(gating_output, topk, scale, renormalize)
     logits = _check_logits(gating_output)
     num_experts = logits.shape[-1]

@@ -8,15 +8,20 @@ Python call level a few percent of a one-token call, so there the path is counte
 (:func:`_route_few`): stock is six ops. ``torch.topk`` promises no order among equal logits and ours is
 fixed (descending logit, then lower expert id), so the selection is made exact in one of these ways:
 
-- ``torch.topk`` of ``K + 1`` (float32 below ``PACKED_MIN_ROWS`` rows, and one 16-bit row; into buffers
-  kept per thread, with their views made once): where those ``K + 1`` logits strictly decrease, the K
-  chosen and their order are unique, whatever the tie rule. One compare and one ``torch.equal`` check
-  it (a list compare for one row, whose ties are put right in Python: equal logits within the K in id
-  order, a tie at the K-th place to the lowest ids holding it). float32 rows that tie, hold NaN or a K-th
-  logit of ``-inf`` take the exact paths below. With autograd on, few rows take the same check on a plain
-  ``torch.topk``, and more rows sort the rows that do not strictly decrease.
+- One row (a decoding step, any dtype; :func:`_route_one`): ``torch.topk`` of ``K + 1`` into buffers kept
+  per thread, and the rest in Python on its K + 1 values and ids, read as lists: where the values
+  strictly decrease, the K chosen and their order are unique whatever the tie rule; a row that ties is
+  put right (equal logits within the K in id order, a tie at the K-th place to the lowest ids holding
+  it); the weights come from the exact logits in double precision, rounded once to float32, and both
+  outputs are written through ctypes. Three torch ops (``torch.topk`` and the two outputs), where stock
+  routing takes six.
+- ``torch.topk`` of ``K + 1`` (float32, from two rows to ``PACKED_MIN_ROWS``; into buffers kept per
+  thread, with their views made once), checked by one compare and one ``torch.equal``. float32 rows that
+  tie, hold NaN or a K-th logit of ``-inf`` take the exact paths below. With autograd on, few rows take
+  the same check on a plain ``torch.topk`` (fixed in Python), and more rows sort the rows that do not
+  strictly decrease.
 - Order keys from a table (bfloat16 and float16, from two rows to ``PACKED_MIN_ROWS``; their rows tie
-  within their K + 1 about one time in four): each bit pattern maps to an int32 order key whose free low
+  within their K + 1 about one time in three): each bit pattern maps to an int32 order key whose free low
   bits take the inverted expert id, so keys are distinct and one ``torch.topk`` of them is exact on every
   row (int32 keys sort about a tenth faster than floats). The chosen logits come back in float32 from a
   second table, by their patterns.
@@ -37,10 +42,12 @@ the device, and a CUDA graph could not capture them.
 from __future__ import annotations
 
 import array
+import ctypes
 import functools
 import itertools
 import math
 import operator
+import sys
 import threading
 from collections.abc import Callable
 
@@ -128,16 +135,31 @@ def _fixed_row(x: torch.Tensor, r: int, row: list[float], line: list[int], k: in
     last = row[k - 1]
     if row[0] != row[0] or last == -math.inf:
         return None
-    # Values descend: sorting (-value, id) pairs only reorders ids within runs of equal logits.
-    order = sorted(zip(map(operator.neg, row[:k]), line[:k], strict=True))
     if last != row[k]:
-        return [i for _, i in order]
-    above = [i for v, i in order if -v > last]  # the K-th place is tied beyond the K + 1
+        return _runs_in_id_order(row, line[:k])
+    held = row.index(last)  # the places before hold larger logits
+    above = _runs_in_id_order(row, line[:held])
     values, start = x[r].tolist(), 0
-    for _ in range(k - len(above)):
+    for _ in range(k - held):  # the K-th place is tied beyond the K + 1: the lowest ids holding it
         start = values.index(last, start) + 1
         above.append(start - 1)
     return above
+
+
+def _runs_in_id_order(row: list[float], ids: list[int]) -> list[int]:
+    """``ids`` (the first ids of a descending ``row``, in place), each run of equal logits among them in
+    ascending id order: at two or three times the speed of sorting (logit, id) pairs."""
+    n, j = len(ids), 0
+    while j < n - 1:
+        if row[j] == row[j + 1]:
+            end = j + 1
+            while end < n - 1 and row[end] == row[end + 1]:
+                end += 1
+            ids[j:end + 1] = sorted(ids[j:end + 1])
+            j = end + 1
+        else:
+            j += 1
+    return ids
 
 
 def _ids_tensor(lines: list[list[int]], k: int) -> torch.Tensor:
@@ -204,39 +226,53 @@ def _records(logits: torch.Tensor, scale: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and (logits.requires_grad or (scale is not None and scale.requires_grad))
 
 
-def _takes_few(logits: torch.Tensor, topk: int, scale: torch.Tensor | None) -> bool:
-    """Whether a renormalised call of these 2-D logits is :func:`_route_few`'s to serve: few CPU rows,
-    ``K < E <= 4096``, and nothing for autograd to record."""
+def _route_small(logits: torch.Tensor, topk: int,
+                 scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A renormalised call of these 2-D logits where it has few CPU rows, ``K < E <= 4096`` and nothing
+    for autograd to record: :func:`_route_one` for one row (a decoding step), :func:`_route_few` for more.
+    ``None`` for any other call, or where the path declines it (the caller's general path decides)."""
     T, E = logits.shape
-    return 0 < T < PACKED_MIN_ROWS and topk < E <= 4096 and logits.is_cpu and not _records(logits, scale)
+    if 0 < T < PACKED_MIN_ROWS and topk < E <= 4096 and logits.is_cpu and not _records(logits, scale):
+        return (_route_one if T == 1 else _route_few)(logits, topk, scale)
+    return None
 
 
-def _checked_buffers(rows: int, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """For the checked topk of :func:`_route_few`: topk's values and ids ``[rows, K + 1]``, their views
-    (the first K values, the last K values, the first K ids), the step check ``[rows, K]``, an all-true
-    one to compare it with, and the chosen logits ``[rows, K]`` made contiguous."""
-    vals = torch.empty(rows, k + 1, dtype=dtype)
+def _checked_buffers(rows: int, k: int) -> tuple[torch.Tensor, ...]:
+    """For the checked topk of :func:`_route_few` (float32): topk's values and ids ``[rows, K + 1]``, their
+    views (the first K values, the last K values, the first K ids), the step check ``[rows, K]``, an
+    all-true one to compare it with, and the chosen logits ``[rows, K]`` made contiguous."""
+    vals = torch.empty(rows, k + 1)
     ids = torch.empty(rows, k + 1, dtype=torch.int64)
     shape, strides = (rows, k), (k + 1, 1)
     return (vals, ids, vals.as_strided(shape, strides), vals.as_strided(shape, strides, 1),
             ids.as_strided(shape, strides), torch.empty(shape, dtype=torch.bool), torch.ones(shape, dtype=torch.bool),
-            torch.empty(shape, dtype=dtype))
+            torch.empty(shape))
 
 
 def _keyed_buffers(rows: int, k: int, num_experts: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """For :func:`_keyed_topk`: patterns and keys ``[rows, E]`` (int32), topk's keys and ids, the chosen
-    patterns and logits ``[rows, K]``; with the flat views that ``index_select`` takes, made once (a view
-    costs about half a microsecond a call), and the tables (a cached call costs a few percent of a call)."""
-    index, keys = torch.empty(rows, num_experts, dtype=torch.int32), torch.empty(rows, num_experts, dtype=torch.int32)
+    """For :func:`_keyed_topk`: table indices and keys ``[rows, E]`` (int32), topk's keys and ids, the chosen
+    patterns and logits ``[rows, K]``; with the views that the ops take, made once (a view costs about
+    half a microsecond a call), and the tables (a cached call costs a few percent of a call).
+
+    The indices are zeros whose low 16 bits of each int32 are also seen as a ``[rows, E]`` tensor of
+    ``dtype`` (even 16-bit halves on a little-endian host, odd ones on a big-endian one): a copy of the
+    logits into that view leaves each logit's bit pattern, read unsigned, in its int32, in one op and with
+    no view of the caller's tensor."""
+    index, keys = torch.zeros(rows, num_experts, dtype=torch.int32), torch.empty(rows, num_experts, dtype=torch.int32)
+    low_halves = index.view(dtype).as_strided((rows, num_experts), (2 * num_experts, 2), _LOW_HALF)
     patterns, chosen = torch.empty(rows, k, dtype=torch.int32), torch.empty(rows, k)
-    return (index, index.view(-1), keys, keys.view(-1), torch.empty(rows, k, dtype=torch.int32),
+    return (low_halves, index, index.view(-1), keys, keys.view(-1), torch.empty(rows, k, dtype=torch.int32),
             torch.empty(rows, k, dtype=torch.int64), patterns, patterns.view(-1), chosen, chosen.view(-1),
-            _key_table(dtype), _inverted_ids(num_experts), _value_table(dtype))
+            chosen.select(1, 0), _key_table(dtype), _inverted_ids(num_experts), _value_table(dtype))
 
 
-def _keyed_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen logits in float32, ids) ``[T, K]`` of 16-bit CPU rows; both are this thread's buffers, valid
-    until its next call of this shape.
+# Which 16-bit half of an int32 holds its low bits (see _keyed_buffers).
+_LOW_HALF = 0 if sys.byteorder == "little" else 1
+
+
+def _keyed_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chosen logits in float32, ids) ``[T, K]`` of 16-bit CPU rows, and the first column of the chosen
+    (each row's maximum) ``[T]``: this thread's buffers, valid until its next call of this shape.
 
     Each logit's order key (:func:`_key_table`) takes the inverted expert id in its free low bits: keys are
     distinct, the larger key the larger logit, the lower id first among equal logits, so one ``torch.topk``
@@ -250,12 +286,9 @@ def _keyed_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         buffers = _SMALL.cache[key]
     except (AttributeError, KeyError):
         buffers = _new_buffers(key, _keyed_buffers, T, k, E, x.dtype)
-    (index, index_flat, keys, keys_flat, vals, ids, patterns, patterns_flat, chosen, chosen_flat,
-     key_table, inverted_ids, value_table) = buffers
-    if _UNSIGNED_COPIES:
-        index.copy_(x.view(torch.uint16))
-    else:
-        index.copy_(x.view(torch.int16)).bitwise_and_(0xFFFF)
+    (low_halves, index, index_flat, keys, keys_flat, vals, ids, patterns, patterns_flat, chosen, chosen_flat,
+     maxima, key_table, inverted_ids, value_table) = buffers
+    low_halves.copy_(x)
     torch.index_select(key_table, 0, index_flat, out=keys_flat)
     keys.bitwise_or_(inverted_ids)
     torch.topk(keys, k, out=(vals, ids))
@@ -263,69 +296,110 @@ def _keyed_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     # widening them (softmax's own widening of 16-bit input costs more again).
     torch.gather(index, 1, ids, out=patterns)
     torch.index_select(value_table, 0, patterns_flat, out=chosen_flat)
-    return chosen, ids
+    return chosen, ids, maxima
+
+
+def _one_buffers(k: int, dtype: torch.dtype) -> tuple:
+    """For :func:`_route_one`: topk's values and ids ``[1, K + 1]``; ctypes arrays over their memory, made
+    once, that read them as lists (the values only where float32: ctypes has no 16-bit float); and the
+    outputs' templates (``torch.empty_like`` of one costs two thirds of ``torch.empty`` of its shape); and
+    the ctypes array types that write K float32 weights and K int32 ids into fresh tensors."""
+    vals, ids = torch.empty(1, k + 1, dtype=dtype), torch.empty(1, k + 1, dtype=torch.int64)
+    values = (ctypes.c_float * (k + 1)).from_address(vals.data_ptr()) if dtype is torch.float32 else None
+    return (vals, ids, values, (ctypes.c_int64 * (k + 1)).from_address(ids.data_ptr()), torch.empty(1, k),
+            torch.empty(1, k, dtype=torch.int32), ctypes.c_float * k, ctypes.c_int32 * k)
+
+
+def _route_one(x: torch.Tensor, k: int, scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Fresh float32 weights and int32 ids ``[1, K]`` of one CPU row (a decoding step), renormalised, with
+    nothing for autograd to record (checked by the caller, as for :func:`_route_few`); ``None`` where the
+    caller's general path must decide: a row holding NaN or ``+inf``, or whose K-th logit is ``-inf``.
+
+    Stock routing takes about 15 us here, six torch ops, and each torch op costs one or two microseconds
+    whatever its size, where a Python float operation costs a few dozen nanoseconds. So the only torch
+    ops are ``torch.topk`` of ``K + 1`` (into this thread's buffers) and the two fresh outputs: the K + 1
+    values and ids come to Python as lists, a row that does not strictly decrease is put right there
+    (:func:`_fixed_row`; a 16-bit row ties about one time in three), the weights are computed from the
+    exact logits in double precision and rounded once to float32 (at least as accurate as float32
+    arithmetic), and both lists are written into the outputs through ctypes, which costs less than any op
+    that makes a tensor of a list. The buffers and the scale (where float32 and contiguous) are read the
+    same way.
+    """
+    key = (k, x.dtype)
+    try:
+        vals, ids, vals_array, ids_list, like_weights, like_ids, weights_array, ids_array = _SMALL.cache[key]
+    except (AttributeError, KeyError):
+        (vals, ids, vals_array, ids_list, like_weights, like_ids, weights_array,
+         ids_array) = _new_buffers(key, _one_buffers, k, x.dtype)
+    torch.topk(x, k + 1, out=(vals, ids))
+    row = vals.tolist()[0] if vals_array is None else vals_array[:]
+    line = ids_list[:]
+    if not all(map(operator.gt, row, row[1:])):  # operator.gt: half the cost of float.__gt__
+        line = _fixed_row(x, 0, row, line, k)
+        if line is None:
+            return None
+    top = row[0]
+    if top == math.inf:
+        return None
+    exps = [math.exp(v - top) for v in row[:k]]  # v <= top, both finite: no overflow
+    total = sum(exps)
+    line = line[:k]
+    weights, out_ids = torch.empty_like(like_weights), torch.empty_like(like_ids)
+    if scale is None:
+        values = [e / total for e in exps]
+    else:
+        if scale.dtype is torch.float32 and scale.stride(0) == 1:
+            factors = (ctypes.c_float * scale.shape[0]).from_address(scale.data_ptr())
+        else:
+            factors = scale.float().tolist()  # the contract multiplies by the scale rounded to float32
+        values = [e / total * f for e, f in zip(exps, [factors[i] for i in line], strict=True)]
+    weights_array.from_address(weights.data_ptr())[:] = values
+    ids_array.from_address(out_ids.data_ptr())[:] = line
+    return weights, out_ids
 
 
 def _route_few(x: torch.Tensor, k: int, scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Fresh float32 weights and int32 ids ``[T, K]`` of few CPU rows (``0 < T < PACKED_MIN_ROWS``,
+    """Fresh float32 weights and int32 ids ``[T, K]`` of few CPU rows (``1 < T < PACKED_MIN_ROWS``,
     ``K < E <= 4096``, checked by the caller), renormalised, with nothing for autograd to record. Stock
     routing costs six ops, so this path counts its own and its call levels (module docstring).
 
-    float32, and one 16-bit row: ``torch.topk`` of ``K + 1`` into this thread's buffers, one compare of
-    each value with the next and one ``torch.equal`` (a host answer with no ``item()``); where every row
-    strictly decreases, the K and their order are unique. More 16-bit rows, or one that ties (a 16-bit
-    row ties within its K + 1 about one time in four): exact keys (:func:`_keyed_topk`). ``None`` where
-    the caller's general path must decide: a float32 row that ties within its K + 1, holds NaN or is all
-    ``-inf``; a 16-bit row holding NaN or ``±inf`` (the weights tell).
+    float32: ``torch.topk`` of ``K + 1`` into this thread's buffers, one compare of each value with the
+    next and one ``torch.equal`` (a host answer with no ``item()``); where every row strictly decreases,
+    the K and their order are unique. bfloat16 and float16 (a row ties within its K + 1 about one time in
+    three): exact keys (:func:`_keyed_topk`), whose weights are the contract's for rows holding NaN or
+    ``+inf`` too (NaN). ``None`` where the caller's general path must decide: a float32 row that ties
+    within its K + 1, holds NaN or is all ``-inf``; a 16-bit row that is all ``-inf`` (weight 0, where
+    softmax gives NaN).
     """
     T = x.shape[0]
-    dtype = x.dtype
-    chosen = None
-    if dtype is torch.float32 or T == 1:
-        key = (T, k, dtype)
+    if x.dtype is torch.float32:
+        key = (T, k)
         try:
             buffers = _SMALL.cache[key]
         except (AttributeError, KeyError):
-            buffers = _new_buffers(key, _checked_buffers, T, k, dtype)
+            buffers = _new_buffers(key, _checked_buffers, T, k)
         vals, ids, head, tail, head_ids, steps, all_true, contiguous = buffers
         torch.topk(x, k + 1, out=(vals, ids))
         # NaN, -0.0 beside +0.0 and a row of -inf compare False.
-        if T == 1:  # list compares cost less than tensor ops, and a row that ties is put right in Python
-            row = vals.tolist()[0]
-            if all(map(operator.gt, row, row[1:])):  # operator.gt: half the cost of float.__gt__
-                chosen, ids = head, head_ids
-            else:
-                line = _fixed_row(x, 0, row, ids.tolist()[0], k)
-                if line is None:
-                    return None
-                # Equal logits: the values stand as they are. The int32 ids straight from the list (1-D,
-                # as index_select takes them): fewer ops than an int64 tensor, take and int().
-                chosen, ids = head, torch.frombuffer(array.array("i", line[:k]), dtype=torch.int32)
-        elif torch.equal(torch.gt(head, tail, out=steps), all_true):
-            # softmax of the strided head would copy it first, at twice this copy's cost (4 rows).
-            chosen, ids = contiguous.copy_(head) if T <= _SOFTMAX_MAX_ROWS else head, head_ids
-        elif dtype is torch.float32:
+        if not torch.equal(torch.gt(head, tail, out=steps), all_true):
             return None
-    keyed = chosen is None
-    if keyed:
-        if not low_bits_free(dtype, x.shape[1]):
+        # softmax of the strided head would copy it first, at twice this copy's cost (4 rows).
+        chosen, ids = contiguous.copy_(head) if T <= _SOFTMAX_MAX_ROWS else head, head_ids
+    else:
+        if not low_bits_free(x.dtype, x.shape[1]):
             return None
-        chosen, ids = _keyed_topk(x, k)
+        chosen, ids, maxima = _keyed_topk(x, k)
+        if -math.inf in maxima.tolist():  # a list costs less than a tensor op here
+            return None
     if T > _SOFTMAX_MAX_ROWS:
         # The chosen logits descend, so the first is the row's maximum, as softmax would subtract.
-        c = chosen if chosen.dtype is torch.float32 else chosen.float()
-        w = torch.exp(c - c.as_strided((T, 1), (c.stride(0), 1)))
+        w = torch.exp(chosen - chosen.as_strided((T, 1), (chosen.stride(0), 1)))
         w.div_(w.sum(-1, keepdim=True))
     else:
-        # softmax(dtype=float32) of 16-bit input costs more than widening first.
-        w = torch.softmax(chosen if chosen.dtype is torch.float32 else chosen.float(), -1)
-    if keyed and not torch.equal(w, w):
-        return None  # NaN weights: a row held NaN or an infinity, or every logit was -inf
-    fixed = ids.dtype is torch.int32  # one row's ids, put right in Python (above), 1-D
+        w = torch.softmax(chosen, -1)
     if scale is not None:
-        table = scale if scale.dtype is torch.float32 else scale.float()
-        w.mul_(table.index_select(0, ids) if fixed else table.take(ids))
-    return (w, ids.view(1, k)) if fixed else (w, ids.int())
+        w.mul_((scale if scale.dtype is torch.float32 else scale.float()).take(ids))
+    return w, ids.int()
 
 
 def _ids_by_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -379,19 +453,6 @@ def _value_table(dtype: torch.dtype) -> torch.Tensor:
 def _patterns(dtype: torch.dtype) -> torch.Tensor:
     """Every 16-bit pattern as ``dtype``, pattern ``p`` at index ``p`` (int16 wraps the upper half)."""
     return torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(dtype)
-
-
-def _unsigned_copies() -> bool:
-    """Whether an int32 tensor takes a copy of ``torch.uint16`` values (PyTorch 2.3 added the dtype with
-    few ops): then a 16-bit tensor's patterns come as table indices in one copy, else in a copy and a mask."""
-    try:
-        return torch.zeros(2, dtype=torch.int32).copy_(torch.full((2,), -1.0, dtype=torch.bfloat16).view(
-            torch.uint16)).tolist() == [0xBF80, 0xBF80]
-    except (AttributeError, RuntimeError, TypeError):
-        return False
-
-
-_UNSIGNED_COPIES = _unsigned_copies()
 
 
 def _ids_by_key_table(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -560,11 +621,11 @@ def route_torch(
     """The ``torch`` backend's fresh outputs: :func:`reference_route` in float32, with int32 ids
     (contiguous, as route() returns them)."""
     # Few rows first, with no detour through _route: at one token each call level costs a few percent.
-    if renormalize and _takes_few(logits, topk, scale):
-        few = _route_few(logits, topk, scale)
-        if few is not None:
-            return few
-    w, ids, ids32 = _route(logits, topk, scale, renormalize, torch.float32)
+    if renormalize:
+        result = _route_small(logits, topk, scale)
+        if result is not None:
+            return result
+    w, ids, ids32 = _route_general(logits, topk, scale, renormalize, torch.float32)
     return w, ids.int() if ids32 is None else ids32
 
 
@@ -575,13 +636,19 @@ def _route(
     renormalize: bool,
     compute_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Weights, and the int64 ids, the int32 ids or both (``None`` for the one not made): the path of few
-    rows (:func:`_route_few`) makes only the int32 ones."""
+    """Weights, and the int64 ids, the int32 ids or both (``None`` for the one not made): the paths of few
+    rows (:func:`_route_small`) make only the int32 ones."""
+    if renormalize and compute_dtype is torch.float32:
+        result = _route_small(logits, topk, scale)
+        if result is not None:
+            return result[0], None, result[1]
+    return _route_general(logits, topk, scale, renormalize, compute_dtype)
+
+
+def _route_general(logits: torch.Tensor, topk: int, scale: torch.Tensor | None, renormalize: bool,
+                   compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`_route` past the paths of few rows: any call, any device."""
     T = logits.shape[0]
-    if renormalize and compute_dtype is torch.float32 and _takes_few(logits, topk, scale):
-        few = _route_few(logits, topk, scale)
-        if few is not None:
-            return few[0], None, few[1]
     ids, chosen, ids32 = _select(logits, topk)
     # Chosen logits come back only where no row's maximum is -inf: then the masked-row fix below (three
     # ops a call) has nothing to do.

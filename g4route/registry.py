@@ -222,6 +222,11 @@ def forced_name() -> str:
 # CPython's os.environ keeps its data in ``_data`` under ``encodekey(name)``; elsewhere use .get.
 _ENVIRON_DATA = getattr(os.environ, "_data", None)
 _ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else None
+# ``G4ROUTE_BACKEND``'s raw value, ``None`` where it is unset, with no Python frame: route()'s eager CPU
+# path asks on every call (a set but blank value takes the full path, whose forced_name() reads it as
+# unset).
+raw_env = (functools.partial(_ENVIRON_DATA.get, _ENV_KEY) if _ENVIRON_DATA is not None and _ENV_KEY is not None
+           else functools.partial(os.environ.get, ENV_VAR))
 
 
 def select(

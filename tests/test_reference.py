@@ -199,10 +199,16 @@ def test_weights_are_differentiable(rows, gen):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_key_table_without_unsigned_copies(dtype, gen, monkeypatch):
-    """Where a PyTorch cannot copy torch.uint16 values (the dtype came with few ops), the key table's indices
-    come from the int16 patterns and a mask: the same exact selection, NaN, ±0 and ties included."""
-    monkeypatch.setattr(reference, "_UNSIGNED_COPIES", False)
+def test_key_table_indices_are_the_unsigned_patterns(dtype, gen):
+    """The keyed path copies 16-bit logits into the low halves of zeroed int32s: each index must be the
+    logit's bit pattern read unsigned (the sign bit included, so negative logits index the upper half of
+    the table), whatever the logits' strides, and the high halves must stay zero from call to call."""
     for rows in (2, 40):
         for mode in ("ties", "special"):
-            _assert_like_oracle(_logits(mode, rows, 128, dtype, gen), 8, torch.rand(128, generator=gen) + 0.5, True)
+            wide = _logits(mode, rows, 256, dtype, gen)
+            x = wide[:, ::2]  # strided rows
+            reference._keyed_topk(x, 8)
+            index = reference._SMALL.cache[(rows, 8, 128, dtype)][1]
+            wanted = x.contiguous().view(torch.int16).int() & 0xFFFF
+            assert torch.equal(index, wanted)
+            assert bool((index >= 0x8000).any())  # negative logits were among them
