@@ -76,8 +76,9 @@ def test_every_path_every_mode(rows, dtype, gen):
 
 @pytest.mark.parametrize("rows", [1, reference._FEW_ROWS, 40, reference.PACKED_MIN_ROWS + 5])
 def test_odd_shapes(rows, gen):
-    """E not a power of two (the id bits), K == E (the sort), K = 1, strided rows."""
-    for experts, topk in ((5, 5), (5, 1), (67, 3), (300, 16)):
+    """E not a power of two (the id bits), K == E (the sort), K = 1, K = E - 1, the widest E of the few-row
+    paths, strided rows."""
+    for experts, topk in ((5, 5), (5, 1), (5, 4), (67, 3), (300, 16), (4096, 8)):
         for dtype in DTYPES:
             for mode in ("ties", "special"):
                 _assert_like_oracle(_logits(mode, rows, experts, dtype, gen), topk, None, True)
