@@ -15,17 +15,17 @@ fixed (descending logit, then lower expert id), so the selection is made exact i
   it); the weights come from the exact logits in double precision, rounded once to float32, and both
   outputs are written through ctypes. Three torch ops (``torch.topk`` and the two outputs), where stock
   routing takes six.
-- ``torch.topk`` of ``K + 1`` (float32, from two rows to ``PACKED_MIN_ROWS``; into buffers kept per
+- ``torch.topk`` of ``K + 1`` (float32, from two rows to :func:`packed_min_rows`; into buffers kept per
   thread, with their views made once), checked by one compare and one ``torch.equal``. float32 rows that
   tie, hold NaN or a K-th logit of ``-inf`` take the exact paths below. With autograd on, few rows take
   the same check on a plain ``torch.topk`` (fixed in Python), and more rows sort the rows that do not
   strictly decrease.
-- Order keys from a table (bfloat16 and float16, from two rows to ``PACKED_MIN_ROWS``; their rows tie
+- Order keys from a table (bfloat16 and float16, from two rows to :func:`packed_min_rows`; their rows tie
   within their K + 1 about one time in three): each bit pattern maps to an int32 order key whose free low
   bits take the inverted expert id, so keys are distinct and one ``torch.topk`` of them is exact on every
   row (int32 keys sort about a tenth faster than floats). The chosen logits come back in float32 from a
   second table, by their patterns.
-- Packed order keys (from ``PACKED_MIN_ROWS`` rows on a CPU, where ``torch.topk`` costs up to about a
+- Packed order keys (from :func:`packed_min_rows` rows on a CPU, where ``torch.topk`` costs up to about a
   microsecond a row): each logit becomes an int32 key on its bits (complemented: the smallest key is the
   largest logit; ``-0.0 == +0.0``) with the expert id in its low bits, so keys are distinct and one
   minimum along the row yields the winner and the tie rule at once; K minima, each one vectorised op over
@@ -59,8 +59,16 @@ import torch
 # 0.85-0.93x of stock at 128 rows, 1.03-1.16x at 160, 1.21-1.35x at 192 (topk 0.84-0.96x at all three).
 # Again on 2026-11-27 (a busier day), the selection alone, float32 / bfloat16: packed keys 178 / 114 us
 # against torch.topk's 99 / 101 at 128 rows, 138 / 147 against 129 / 151 at 160, 216 / 174 against
-# 241 / 249 at 256: still the crossover.
+# 241 / 249 at 256: still the crossover. That holds with one intra-op thread (packed_min_rows()).
 PACKED_MIN_ROWS = 160
+# With more threads torch.topk splits its rows between them in one parallel region per call (stock
+# routing's topk too), where each of the packed keys' ops over a chunk is a region of its own that wakes
+# them, some twenty a chunk. On the 2-core host with two threads, 2026-11-28, x stock: float32 packed keys
+# 0.60-0.87 from 256 to 1,024 rows, topk 0.95-1.02; 1.03 against 1.05 at 2,048; 1.05-1.09 against
+# 1.04-1.07 at 4,096. bfloat16 key table against packed keys: 0.97 / 0.90 at 256, 0.86-0.87 / 0.77-0.78 at
+# 512, 0.84-0.89 / 0.93 at 768, 0.85 / 0.95-0.96 at 1,024. With one thread: packed keys 1.48x at 1,024
+# float32 rows, topk 1.04x.
+_PACKED_MIN_ROWS_THREADED = {torch.float32: 4096, torch.bfloat16: 640, torch.float16: 640}
 # Up to this many rows autograd's topk path checks and fixes its rows in Python (_ids_by_topk_few).
 _FEW_ROWS = 4
 # Rows per chunk of the packed-key path: a [rows, E] int32 chunk of 1 MiB at E = 128 stays in L2, and is
@@ -206,18 +214,33 @@ def _ids_by_topk_few(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
 _SMALL = threading.local()
 
 
-def _new_buffers(key: tuple, make: Callable[..., tuple[torch.Tensor, ...]], *args) -> tuple[torch.Tensor, ...]:
+def _new_buffers(key: tuple, make: Callable[..., tuple[torch.Tensor, ...]], *args,
+                 rows: int = 1) -> tuple[torch.Tensor, ...]:
     """This thread's buffers for ``key`` (a shape), made now by ``make(*args)``; the caller looks up
     ``_SMALL.cache[key]`` itself first (a call level costs a few percent of a one-token call). Kept per
-    shape, a few dozen at most: fresh outputs and views cost about a microsecond a call at one token.
-    Made as normal tensors even when the first call comes under torch.inference_mode(): an inference
-    tensor cannot be written in place outside it, and the next call may come from outside."""
-    cache = getattr(_SMALL, "cache", None)
-    if cache is None or len(cache) >= 64:
-        cache = _SMALL.cache = {}
+    shape, a few dozen at most, where the call has fewer than ``PACKED_MIN_ROWS`` ``rows``: fresh outputs
+    and views cost about a microsecond a call at one token. Larger calls (many threads keep torch.topk's
+    paths to a few thousand rows: packed_min_rows()) get them fresh, a small part of their time, so that
+    varying token counts keep no megabytes per thread. Made as normal tensors even when the first call
+    comes under torch.inference_mode(): an inference tensor cannot be written in place outside it, and the
+    next call may come from outside."""
     with torch.inference_mode(False):
-        buffers = cache[key] = make(*args)
+        buffers = make(*args)
+    if rows < PACKED_MIN_ROWS:
+        cache = getattr(_SMALL, "cache", None)
+        if cache is None or len(cache) >= 64:
+            cache = _SMALL.cache = {}
+        cache[key] = buffers
     return buffers
+
+
+def packed_min_rows(dtype: torch.dtype) -> int:
+    """The CPU rows from which the packed keys select (module docstring): ``PACKED_MIN_ROWS`` with one
+    intra-op thread, more with several (by dtype), where ``torch.topk`` gains from them and the packed keys'
+    many small ops do not."""
+    if torch.get_num_threads() == 1:
+        return PACKED_MIN_ROWS
+    return _PACKED_MIN_ROWS_THREADED.get(dtype, PACKED_MIN_ROWS)
 
 
 def _records(logits: torch.Tensor, scale: torch.Tensor | None) -> bool:
@@ -232,7 +255,9 @@ def _route_small(logits: torch.Tensor, topk: int,
     for autograd to record: :func:`_route_one` for one row (a decoding step), :func:`_route_few` for more.
     ``None`` for any other call, or where the path declines it (the caller's general path decides)."""
     T, E = logits.shape
-    if 0 < T < PACKED_MIN_ROWS and topk < E <= 4096 and logits.is_cpu and not _records(logits, scale):
+    # packed_min_rows() asks torch for its thread count: not for the calls below its least value.
+    if (T > 0 and (T < PACKED_MIN_ROWS or packed_min_rows(logits.dtype) > T) and topk < E <= 4096
+            and logits.is_cpu and not _records(logits, scale)):
         return (_route_one if T == 1 else _route_few)(logits, topk, scale)
     return None
 
@@ -285,7 +310,7 @@ def _keyed_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, to
     try:
         buffers = _SMALL.cache[key]
     except (AttributeError, KeyError):
-        buffers = _new_buffers(key, _keyed_buffers, T, k, E, x.dtype)
+        buffers = _new_buffers(key, _keyed_buffers, T, k, E, x.dtype, rows=T)
     (low_halves, index, index_flat, keys, keys_flat, vals, ids, patterns, patterns_flat, chosen, chosen_flat,
      maxima, key_table, inverted_ids, value_table) = buffers
     low_halves.copy_(x)
@@ -359,7 +384,7 @@ def _route_one(x: torch.Tensor, k: int, scale: torch.Tensor | None) -> tuple[tor
 
 
 def _route_few(x: torch.Tensor, k: int, scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Fresh float32 weights and int32 ids ``[T, K]`` of few CPU rows (``1 < T < PACKED_MIN_ROWS``,
+    """Fresh float32 weights and int32 ids ``[T, K]`` of few CPU rows (``1 < T <`` :func:`packed_min_rows`,
     ``K < E <= 4096``, checked by the caller), renormalised, with nothing for autograd to record. Stock
     routing costs six ops, so this path counts its own and its call levels (module docstring).
 
@@ -377,7 +402,7 @@ def _route_few(x: torch.Tensor, k: int, scale: torch.Tensor | None) -> tuple[tor
         try:
             buffers = _SMALL.cache[key]
         except (AttributeError, KeyError):
-            buffers = _new_buffers(key, _checked_buffers, T, k)
+            buffers = _new_buffers(key, _checked_buffers, T, k, rows=T)
         vals, ids, head, tail, head_ids, steps, all_true, contiguous = buffers
         torch.topk(x, k + 1, out=(vals, ids))
         # NaN, -0.0 beside +0.0 and a row of -inf compare False.
@@ -571,7 +596,7 @@ def _select(logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor
         return _sorted_ids(logits, topk), None, None
     if E > 4096:
         return *_ids_by_topk(logits, topk), None
-    if T >= PACKED_MIN_ROWS:
+    if T >= PACKED_MIN_ROWS and packed_min_rows(logits.dtype) <= T:
         ids, ids32, masked = _ids_by_packed_keys(logits.detach(), topk)  # ids only: no graph to record
         # With no row's maximum -inf, the chosen logits spare the caller its masked-row fix (three ops
         # over [T, K], more than this check over [T]).

@@ -18,9 +18,21 @@ from g4route import reference
 from g4route.reference import reference_route, route_torch, select_experts
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(autouse=True, params=[1, 2], ids=["one-thread", "two-threads"])
+def intra_op_threads(request):
+    """Every test here runs with one intra-op thread and with two: the CPU paths' row bands change with the
+    count (reference.packed_min_rows), so each band meets each path."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
 MODES = ["plain", "ties", "truncated", "special", "masked"]
 # One per path on a CPU: few rows checked in Python, the topk / key-table band (weights by torch.softmax,
-# then by hand past _SOFTMAX_MAX_ROWS), the packed keys in one chunk and in several (the last one short).
+# then by hand past _SOFTMAX_MAX_ROWS), the packed keys in one chunk and in several (the last one short)
+# with one thread; with two, the topk / key-table band reaches further (intra_op_threads).
 ROWS = [1, 3, reference._FEW_ROWS, reference._FEW_ROWS + 1, 40, reference._SOFTMAX_MAX_ROWS,
         reference._SOFTMAX_MAX_ROWS + 1, reference.PACKED_MIN_ROWS - 1, reference.PACKED_MIN_ROWS,
         reference._CHUNK_ROWS + 37]
