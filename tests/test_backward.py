@@ -264,6 +264,15 @@ def test_eager_cpu_gradients_through_the_reference_ops(unforced, gen, renormaliz
             _, d_logits = _assert_gradients(x.detach(), K, scale, renormalize, grad)
             assert bool((d_logits[1] == 0).all())
             _assert_gradients(x.detach(), K, None, renormalize, grad)
+    # An nn.Parameter scale (as Transformers holds Gemma 4's) takes the same direct path.
+    parameter = torch.nn.Parameter(torch.rand(12, generator=gen) + 0.5)
+    x = torch.randn(3, 12, generator=gen).requires_grad_(True)
+    weights, ids = g4route.route(x, 5, parameter, renormalize=renormalize)
+    assert "g4route" not in type(weights.grad_fn).__name__
+    weights.sum().backward()
+    grad, scale_grad = oracle_gradients(x.detach(), ids, torch.ones(3, 5), parameter.detach(), renormalize)
+    torch.testing.assert_close(x.grad.double(), grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(parameter.grad.double(), scale_grad, rtol=1e-5, atol=1e-6)
 
 
 def test_eager_cpu_double_backward_works(unforced, gen):
