@@ -214,24 +214,27 @@ def _ids_by_topk_few(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
 _SMALL = threading.local()
 
 
-def _new_buffers(key: tuple, make: Callable[..., tuple[torch.Tensor, ...]], *args,
-                 rows: int = 1) -> tuple[torch.Tensor, ...]:
+def _new_buffers(key: tuple, make: Callable[..., tuple[torch.Tensor, ...]], *args) -> tuple[torch.Tensor, ...]:
     """This thread's buffers for ``key`` (a shape), made now by ``make(*args)``; the caller looks up
     ``_SMALL.cache[key]`` itself first (a call level costs a few percent of a one-token call). Kept per
-    shape, a few dozen at most, where the call has fewer than ``PACKED_MIN_ROWS`` ``rows``: fresh outputs
-    and views cost about a microsecond a call at one token. Larger calls (many threads keep torch.topk's
-    paths to a few thousand rows: packed_min_rows()) get them fresh, a small part of their time, so that
-    varying token counts keep no megabytes per thread. Made as normal tensors even when the first call
-    comes under torch.inference_mode(): an inference tensor cannot be written in place outside it, and the
-    next call may come from outside."""
+    shape, a few dozen at most: fresh outputs and views cost about a microsecond a call at one token, and
+    fresh buffers of a few hundred rows come from ``mmap`` and fault their pages in (80 us of a 450 us
+    call at 256 bfloat16 rows). Made as normal tensors even when the first call comes under
+    torch.inference_mode(): an inference tensor cannot be written in place outside it, and the next call
+    may come from outside."""
+    cache = getattr(_SMALL, "cache", None)
+    if cache is None or len(cache) >= 64:
+        cache = _SMALL.cache = {}
     with torch.inference_mode(False):
-        buffers = make(*args)
-    if rows < PACKED_MIN_ROWS:
-        cache = getattr(_SMALL, "cache", None)
-        if cache is None or len(cache) >= 64:
-            cache = _SMALL.cache = {}
-        cache[key] = buffers
+        buffers = cache[key] = make(*args)
     return buffers
+
+
+def _buffer_rows(rows: int) -> int:
+    """The rows of the buffers that serve a call of ``rows``: as many below ``PACKED_MIN_ROWS``, else the
+    next power of two, whose first rows the call views (torch.topk's paths reach a few thousand rows with
+    several threads: packed_min_rows()), so that varying token counts keep at most a few sets a thread."""
+    return rows if rows < PACKED_MIN_ROWS else 1 << (rows - 1).bit_length()
 
 
 def packed_min_rows(dtype: torch.dtype) -> int:
@@ -306,13 +309,19 @@ def _keyed_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, to
     indices from the unsigned patterns: less than half of ``take``'s cost with int64 ones (9.5 against
     23 us at 64 rows)."""
     T, E = x.shape
-    key = (T, k, E, x.dtype)
+    rows = _buffer_rows(T)
+    key = (rows, k, E, x.dtype)
     try:
         buffers = _SMALL.cache[key]
     except (AttributeError, KeyError):
-        buffers = _new_buffers(key, _keyed_buffers, T, k, E, x.dtype, rows=T)
+        buffers = _new_buffers(key, _keyed_buffers, rows, k, E, x.dtype)
     (low_halves, index, index_flat, keys, keys_flat, vals, ids, patterns, patterns_flat, chosen, chosen_flat,
      maxima, key_table, inverted_ids, value_table) = buffers
+    if rows != T:  # the first T rows of larger buffers
+        low_halves, index, keys, vals, ids, patterns, chosen, maxima = (
+            t[:T] for t in (low_halves, index, keys, vals, ids, patterns, chosen, maxima))
+        index_flat, keys_flat, patterns_flat, chosen_flat = (
+            index_flat[:T * E], keys_flat[:T * E], patterns_flat[:T * k], chosen_flat[:T * k])
     low_halves.copy_(x)
     torch.index_select(key_table, 0, index_flat, out=keys_flat)
     keys.bitwise_or_(inverted_ids)
@@ -398,11 +407,14 @@ def _route_few(x: torch.Tensor, k: int, scale: torch.Tensor | None) -> tuple[tor
     """
     T = x.shape[0]
     if x.dtype is torch.float32:
-        key = (T, k)
+        rows = _buffer_rows(T)
+        key = (rows, k)
         try:
             buffers = _SMALL.cache[key]
         except (AttributeError, KeyError):
-            buffers = _new_buffers(key, _checked_buffers, T, k, rows=T)
+            buffers = _new_buffers(key, _checked_buffers, rows, k)
+        if rows != T:  # the first T rows of larger buffers
+            buffers = tuple(t[:T] for t in buffers)
         vals, ids, head, tail, head_ids, steps, all_true, contiguous = buffers
         torch.topk(x, k + 1, out=(vals, ids))
         # NaN, -0.0 beside +0.0 and a row of -inf compare False.
