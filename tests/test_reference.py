@@ -119,9 +119,10 @@ def test_ties_beyond_the_kth_place(gen):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_small_path_outputs_never_alias_its_buffers(dtype, gen):
-    """Few rows are selected into buffers kept per thread (reference._route_few): what a call returns
-    must survive the next call of the same shape, on either its settled or its fixed path."""
-    for rows in (1, 3, 40, reference.PACKED_MIN_ROWS - 1):
+    """Few rows are selected into buffers kept per thread (reference._route_few; past PACKED_MIN_ROWS rows,
+    with several threads, the first rows of a larger bucket's): what a call returns must survive the next
+    call of the same shape, on either its settled or its fixed path."""
+    for rows in (1, 3, 40, reference.PACKED_MIN_ROWS - 1, 300):
         for mode in ("plain", "ties"):
             first = _logits(mode, rows, 128, dtype, gen)
             outputs = [route_torch(first, 8, None, True), reference_route(first, 8, None, True)]
