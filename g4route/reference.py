@@ -302,7 +302,8 @@ _LOW_HALF = 0 if sys.byteorder == "little" else 1
 
 def _keyed_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(chosen logits in float32, ids) ``[T, K]`` of 16-bit CPU rows, and the first column of the chosen
-    (each row's maximum) ``[T]``: this thread's buffers, valid until its next call of this shape.
+    (each row's maximum) ``[T]``: this thread's buffers, valid until its next call of this shape (past
+    159 rows, of any shape in the same power-of-two bucket: :func:`_buffer_rows`).
 
     Each logit's order key (:func:`_key_table`) takes the inverted expert id in its free low bits: keys are
     distinct, the larger key the larger logit, the lower id first among equal logits, so one ``torch.topk``
