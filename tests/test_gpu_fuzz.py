@@ -1,5 +1,6 @@
 """The GPU kernel on random calls against the float64 oracle: shapes, dtypes, strides, leading dims, ties,
-masked rows, NaN, infinities, and magnitudes from subnormal to near overflow.
+masked rows, NaN, infinities, magnitudes from subnormal to near overflow, scales of every layout and dtype,
+and ``out=`` buffers that are columns of wider ones.
 
 Runs under ``nox -s test-cuda`` / ``test-rocm`` / ``test-xpu`` (the ``gpu_target`` fixture sets the
 marker). Each example is routed twice and the two results must be bitwise identical. The shapes come
@@ -51,6 +52,18 @@ def _logits(gen: torch.Generator, tokens: int, experts: int, dtype: torch.dtype)
     return x
 
 
+def _scale(gen: torch.Generator, experts: int, device: torch.device) -> torch.Tensor | None:
+    """None, or a per-expert scale of a random layout: contiguous, every other element of a longer one, at
+    an offset, one value expanded (stride 0), or in bfloat16. (The offset is 16 bytes and float64 is left
+    to test_contract: Triton compiles anew for a pointer off 16-byte alignment and for each dtype.)"""
+    kind = int(torch.randint(0, 6, (1,), generator=gen))
+    if kind == 0:
+        return None
+    base = (torch.rand(2 * experts + 4, generator=gen) + 0.25).to(device)
+    return {1: base[:experts], 2: base[1::2][:experts], 3: base[4:experts + 4], 4: base[:1].expand(experts),
+            5: base[:experts].bfloat16()}[kind]
+
+
 def _compiled_count() -> int:
     cache = getattr(kernel._compiled_kernel, "device_caches", None) or {}
     return sum(len(entry[0]) for entry in cache.values())
@@ -80,9 +93,7 @@ def test_fuzz_against_the_oracle(gpu_target):
         tokens = int(torch.randint(0, 3000, (1,), generator=gen)) if example % 5 else int(
             torch.randint(0, 4, (1,), generator=gen))
         renormalize = bool(torch.randint(0, 2, (1,), generator=gen))
-        scale = None
-        if torch.randint(0, 2, (1,), generator=gen):
-            scale = (torch.rand(experts, generator=gen) + 0.25).to(device)
+        scale = _scale(gen, experts, device)
         x = _logits(gen, tokens, experts, dtype).to(dtype)
         layout = example % 4
         if layout == 1:  # strided rows: a slice of wider rows
@@ -93,9 +104,20 @@ def test_fuzz_against_the_oracle(gpu_target):
             x = torch.cat([x, x], dim=1).view(tokens * 2, experts)[::2]
         logits = x.to(device)
         context = (f"example {example}: T={tokens} E={experts} K={topk} {dtype} renormalize={renormalize} "
-                   f"scale={scale is not None} layout={layout} seed={seed}")
+                   f"scale={None if scale is None else (scale.dtype, scale.stride())} layout={layout} seed={seed}")
         first = g4route.route(logits, topk, scale, renormalize=renormalize)
-        second = g4route.route(logits, topk, scale, renormalize=renormalize)
+        into_out = example % 6 == 2
+        if into_out:  # out= buffers: columns of wider ones (16 bytes in), whose other columns stay as they were
+            lead = logits.shape[:-1]
+            wide_w = torch.full((*lead, topk + 8), 7.0, device=device)
+            wide_i = torch.full((*lead, topk + 8), 7, dtype=torch.int32, device=device)
+            second = g4route.route(logits, topk, scale, renormalize=renormalize,
+                                   out=(wide_w[..., 4:topk + 4], wide_i[..., 4:topk + 4]))
+            outside = [part for wide in (wide_w, wide_i) for part in (wide[..., :4], wide[..., topk + 4:])]
+            assert all(bool((part == 7).all()) for part in outside), f"example {example}: out= wrote past its columns"
+        else:
+            second = g4route.route(logits, topk, scale, renormalize=renormalize)
+        context += f" out={into_out}"
         try:
             assert_routes_like_oracle(first, logits, topk, scale, renormalize)
             assert torch.equal(_bits(first[0]), _bits(second[0])) and torch.equal(first[1], second[1]), \
