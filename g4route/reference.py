@@ -271,12 +271,12 @@ def _checked_buffers(rows: int, k: int) -> tuple[torch.Tensor, ...]:
     """For the checked topk of :func:`_route_few` (float32): topk's values and ids ``[rows, K + 1]``, their
     views (the first K values, the last K values, the first K ids), the step check ``[rows, K]``, an
     all-true one to compare it with, and the chosen logits ``[rows, K]`` made contiguous."""
-    vals = torch.empty(rows, k + 1)
+    vals = torch.empty(rows, k + 1, dtype=torch.float32)  # explicit: the default dtype may be another
     ids = torch.empty(rows, k + 1, dtype=torch.int64)
     shape, strides = (rows, k), (k + 1, 1)
     return (vals, ids, vals.as_strided(shape, strides), vals.as_strided(shape, strides, 1),
             ids.as_strided(shape, strides), torch.empty(shape, dtype=torch.bool), torch.ones(shape, dtype=torch.bool),
-            torch.empty(shape))
+            torch.empty(shape, dtype=torch.float32))
 
 
 def _keyed_buffers(rows: int, k: int, num_experts: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -290,7 +290,7 @@ def _keyed_buffers(rows: int, k: int, num_experts: int, dtype: torch.dtype) -> t
     no view of the caller's tensor."""
     index, keys = torch.zeros(rows, num_experts, dtype=torch.int32), torch.empty(rows, num_experts, dtype=torch.int32)
     low_halves = index.view(dtype).as_strided((rows, num_experts), (2 * num_experts, 2), _LOW_HALF)
-    patterns, chosen = torch.empty(rows, k, dtype=torch.int32), torch.empty(rows, k)
+    patterns, chosen = torch.empty(rows, k, dtype=torch.int32), torch.empty(rows, k, dtype=torch.float32)
     return (low_halves, index, index.view(-1), keys, keys.view(-1), torch.empty(rows, k, dtype=torch.int32),
             torch.empty(rows, k, dtype=torch.int64), patterns, patterns.view(-1), chosen, chosen.view(-1),
             chosen.select(1, 0), _key_table(dtype), _inverted_ids(num_experts), _value_table(dtype))
@@ -343,7 +343,8 @@ def _one_buffers(k: int, dtype: torch.dtype) -> tuple:
     the ctypes array types that write K float32 weights and K int32 ids into fresh tensors."""
     vals, ids = torch.empty(1, k + 1, dtype=dtype), torch.empty(1, k + 1, dtype=torch.int64)
     values = (ctypes.c_float * (k + 1)).from_address(vals.data_ptr()) if dtype is torch.float32 else None
-    return (vals, ids, values, (ctypes.c_int64 * (k + 1)).from_address(ids.data_ptr()), torch.empty(1, k),
+    return (vals, ids, values, (ctypes.c_int64 * (k + 1)).from_address(ids.data_ptr()),
+            torch.empty(1, k, dtype=torch.float32),
             torch.empty(1, k, dtype=torch.int32), ctypes.c_float * k, ctypes.c_int32 * k)
 
 
