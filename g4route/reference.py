@@ -79,7 +79,16 @@ _FREE_BITS = {torch.bfloat16: 16, torch.float16: 13}
 # Dtypes whose values float32 holds exactly: a scale of these needs no rounding to float32 first.
 _WIDEN_EXACTLY = (torch.float32, torch.bfloat16, torch.float16)
 _INT32_MAX = (1 << 31) - 1
-_INT32_MAX_T = torch.tensor(_INT32_MAX, dtype=torch.int32)
+# The CPU paths' buffers and tables are made on the CPU, with their dtype said, whatever
+# torch.set_default_device() and set_default_dtype() say: their memory is read and written through ctypes
+# and handed to CPU ops.
+_CPU = torch.device("cpu")
+
+
+def _cpu_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=_CPU)
+
+_INT32_MAX_T = torch.tensor(_INT32_MAX, dtype=torch.int32, device=_CPU)
 # Rows above which the renormalised weights are exp(x - max) / sum by hand: torch.softmax over a short
 # last dim (K = 8) is not vectorised along it and costs about 0.07 us a row (2026-11-27: 13.5 us at 159
 # rows against 8.2 for the four plain ops, 7.5 against 7.0 at 64, 5.0 against 6.3 at 16). Below, the one
@@ -92,7 +101,7 @@ def _scatter_index_dtype() -> torch.dtype:
     ids are then masked out of their int32 keys without a cast (``scatter_`` on a CPU still widens the
     index itself, so a step keeps one conversion either way)."""
     try:
-        torch.zeros(1, 2).scatter_(1, torch.ones(1, 1, dtype=torch.int32), 1.0)
+        torch.zeros(1, 2, device=_CPU).scatter_(1, torch.ones(1, 1, dtype=torch.int32, device=_CPU), 1.0)
     except RuntimeError:
         return torch.int64
     return torch.int32
@@ -195,7 +204,7 @@ def _ids_by_topk_few(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
         if fixed[r] is None:
             if low_bits_free(x.dtype, x.shape[1]):
                 return _ids_by_key_table(x, k), None
-            unsettled = torch.tensor([not all(map(operator.gt, line, line[1:])) for line in rows])
+            unsettled = torch.tensor([not all(map(operator.gt, line, line[1:])) for line in rows], device=_CPU)
             return _resort_rows(x, _first_k(ids, k), unsettled, k), None
     # The first K columns, as views. In place where autograd allows it: a new view object costs about
     # as much again, and at one token every half microsecond shows.
@@ -271,12 +280,11 @@ def _checked_buffers(rows: int, k: int) -> tuple[torch.Tensor, ...]:
     """For the checked topk of :func:`_route_few` (float32): topk's values and ids ``[rows, K + 1]``, their
     views (the first K values, the last K values, the first K ids), the step check ``[rows, K]``, an
     all-true one to compare it with, and the chosen logits ``[rows, K]`` made contiguous."""
-    vals = torch.empty(rows, k + 1, dtype=torch.float32)  # explicit: the default dtype may be another
-    ids = torch.empty(rows, k + 1, dtype=torch.int64)
+    vals, ids = _cpu_empty((rows, k + 1), torch.float32), _cpu_empty((rows, k + 1), torch.int64)
     shape, strides = (rows, k), (k + 1, 1)
     return (vals, ids, vals.as_strided(shape, strides), vals.as_strided(shape, strides, 1),
-            ids.as_strided(shape, strides), torch.empty(shape, dtype=torch.bool), torch.ones(shape, dtype=torch.bool),
-            torch.empty(shape, dtype=torch.float32))
+            ids.as_strided(shape, strides), _cpu_empty(shape, torch.bool), _cpu_empty(shape, torch.bool).fill_(True),
+            _cpu_empty(shape, torch.float32))
 
 
 def _keyed_buffers(rows: int, k: int, num_experts: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -288,11 +296,11 @@ def _keyed_buffers(rows: int, k: int, num_experts: int, dtype: torch.dtype) -> t
     ``dtype`` (even 16-bit halves on a little-endian host, odd ones on a big-endian one): a copy of the
     logits into that view leaves each logit's bit pattern, read unsigned, in its int32, in one op and with
     no view of the caller's tensor."""
-    index, keys = torch.zeros(rows, num_experts, dtype=torch.int32), torch.empty(rows, num_experts, dtype=torch.int32)
+    index, keys = _cpu_empty((rows, num_experts), torch.int32).zero_(), _cpu_empty((rows, num_experts), torch.int32)
     low_halves = index.view(dtype).as_strided((rows, num_experts), (2 * num_experts, 2), _LOW_HALF)
-    patterns, chosen = torch.empty(rows, k, dtype=torch.int32), torch.empty(rows, k, dtype=torch.float32)
-    return (low_halves, index, index.view(-1), keys, keys.view(-1), torch.empty(rows, k, dtype=torch.int32),
-            torch.empty(rows, k, dtype=torch.int64), patterns, patterns.view(-1), chosen, chosen.view(-1),
+    patterns, chosen = _cpu_empty((rows, k), torch.int32), _cpu_empty((rows, k), torch.float32)
+    return (low_halves, index, index.view(-1), keys, keys.view(-1), _cpu_empty((rows, k), torch.int32),
+            _cpu_empty((rows, k), torch.int64), patterns, patterns.view(-1), chosen, chosen.view(-1),
             chosen.select(1, 0), _key_table(dtype), _inverted_ids(num_experts), _value_table(dtype))
 
 
@@ -341,11 +349,10 @@ def _one_buffers(k: int, dtype: torch.dtype) -> tuple:
     once, that read them as lists (the values only where float32: ctypes has no 16-bit float); and the
     outputs' templates (``torch.empty_like`` of one costs two thirds of ``torch.empty`` of its shape); and
     the ctypes array types that write K float32 weights and K int32 ids into fresh tensors."""
-    vals, ids = torch.empty(1, k + 1, dtype=dtype), torch.empty(1, k + 1, dtype=torch.int64)
+    vals, ids = _cpu_empty((1, k + 1), dtype), _cpu_empty((1, k + 1), torch.int64)
     values = (ctypes.c_float * (k + 1)).from_address(vals.data_ptr()) if dtype is torch.float32 else None
     return (vals, ids, values, (ctypes.c_int64 * (k + 1)).from_address(ids.data_ptr()),
-            torch.empty(1, k, dtype=torch.float32),
-            torch.empty(1, k, dtype=torch.int32), ctypes.c_float * k, ctypes.c_int32 * k)
+            _cpu_empty((1, k), torch.float32), _cpu_empty((1, k), torch.int32), ctypes.c_float * k, ctypes.c_int32 * k)
 
 
 def _route_one(x: torch.Tensor, k: int, scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -470,7 +477,7 @@ def _first_k_(ids: torch.Tensor, vals: torch.Tensor, k: int) -> tuple[torch.Tens
 def _id_bits(num_experts: int) -> tuple[int, torch.Tensor]:
     """The low-bit mask that holds an expert id over ``num_experts`` columns, and the ids ``[E]`` (int32,
     CPU)."""
-    return (1 << (num_experts - 1).bit_length()) - 1, torch.arange(num_experts, dtype=torch.int32)
+    return (1 << (num_experts - 1).bit_length()) - 1, torch.arange(num_experts, dtype=torch.int32, device=_CPU)
 
 
 @functools.cache
@@ -496,7 +503,7 @@ def _value_table(dtype: torch.dtype) -> torch.Tensor:
 
 def _patterns(dtype: torch.dtype) -> torch.Tensor:
     """Every 16-bit pattern as ``dtype``, pattern ``p`` at index ``p`` (int16 wraps the upper half)."""
-    return torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(dtype)
+    return torch.arange(1 << 16, dtype=torch.int32, device=_CPU).to(torch.int16).view(dtype)
 
 
 def _ids_by_key_table(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -515,7 +522,7 @@ def _inverted_ids(num_experts: int) -> torch.Tensor:
 def _id_operands(num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The id bits' mask as an int32 tensor, and ``~id`` for every expert (int32 ``[E]``)."""
     low, expert_ids = _id_bits(num_experts)
-    return torch.tensor(low, dtype=torch.int32), ~expert_ids
+    return torch.tensor(low, dtype=torch.int32, device=_CPU), ~expert_ids
 
 
 def _ids_by_packed_keys(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -535,8 +542,8 @@ def _ids_by_packed_keys(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     steps = k if exact else k + 1
     rows = min(T, _CHUNK_ROWS)
     keys, sign, where = _scratch(rows, E)
-    winners = torch.empty(T, steps, dtype=torch.int32)
-    maxima = torch.empty(T, dtype=torch.float32)
+    winners = torch.empty(T, steps, dtype=torch.int32, device=x.device)
+    maxima = torch.empty(T, dtype=torch.float32, device=x.device)
     for start in range(0, T, rows):
         n = min(rows, T - start)
         kf, sg, wh = (keys, sign, where) if n == rows else (keys[:n], sign[:n], where[:n])
@@ -589,8 +596,8 @@ def _scratch(rows: int, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, t
     if buffers is None or buffers[0].numel() < need or buffers[2].numel() < rows:
         size, index_size = max(need, _CHUNK_ROWS * 128), max(rows, _CHUNK_ROWS)
         with torch.inference_mode(False):  # see _new_buffers
-            buffers = (torch.empty(size, dtype=torch.float32), torch.empty(size, dtype=torch.int32),
-                       torch.empty(index_size, dtype=_SCATTER_INDEX))
+            buffers = (_cpu_empty((size,), torch.float32), _cpu_empty((size,), torch.int32),
+                       _cpu_empty((index_size,), _SCATTER_INDEX))
         _SCRATCH.buffers = buffers
     keys, sign, where = buffers
     return keys[:need].view(rows, num_experts), sign[:need].view(rows, num_experts), where[:rows].view(rows, 1)

@@ -9,6 +9,7 @@ signed zeros, infinities and fully masked rows. Fresh random inputs every run (t
 from __future__ import annotations
 
 import threading
+import traceback
 
 import pytest
 import torch
@@ -177,6 +178,37 @@ def test_buffers_made_under_inference_mode_serve_calls_outside_it(rows, gen):
                 _assert_like_oracle(x, 8, None, True)
         except Exception as exc:  # reported below, with its type
             failures.append(repr(exc))
+
+    thread = threading.Thread(target=fresh_thread)
+    thread.start()
+    thread.join()
+    assert not failures, failures[0]
+
+
+def test_another_default_device_changes_nothing(gen):
+    """Under torch.set_default_device("meta") (a script that sets "cuda" does the same to tensors made
+    without a device) CPU calls still route on the CPU, every path's buffers and tables made afresh in a
+    new thread: the paths make theirs on the CPU whatever the default."""
+    cases = [(_logits(mode, rows, 128, dtype, gen), torch.rand(128, generator=gen) + 0.5)
+             for rows in (1, 4, 40, reference.PACKED_MIN_ROWS + 140, reference._CHUNK_ROWS + 37)
+             for dtype in (torch.float32, torch.bfloat16) for mode in ("plain", "ties")]
+    trained = [(_logits("ties", rows, 128, torch.float32, gen), torch.rand(128, generator=gen) + 0.5)
+               for rows in (1, 3, 200)]
+    failures: list[str] = []
+
+    def fresh_thread() -> None:
+        torch.set_default_device("meta")
+        try:
+            for x, scale in cases:
+                _assert_like_oracle(x, 8, scale, True)
+            for x, scale in trained:
+                w, _ = route_torch(x.requires_grad_(True), 8, scale, True)
+                w.sum().backward()
+                assert x.grad.is_cpu and bool(x.grad.isfinite().all())
+        except Exception:  # reported below, with where it failed
+            failures.append(traceback.format_exc())
+        finally:
+            torch.set_default_device(None)
 
     thread = threading.Thread(target=fresh_thread)
     thread.start()
