@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import threading
-import traceback
-
 import pytest
 import torch
+from fresh_thread import in_a_fresh_thread
 from oracle import assert_routes_like_oracle, oracle
 
 import g4route
@@ -175,23 +173,17 @@ def test_a_float64_default_dtype_changes_nothing(target, gen):
     _, device = target
     cases = [(_logits(gen, (rows, 128), dtype, device), _scale(gen, 128, device))
              for rows in (1, 4, 40, 300) for dtype in (torch.float32, torch.bfloat16)]
-    failures: list[str] = []
 
-    def fresh_thread() -> None:
+    def body() -> None:
         before = torch.get_default_dtype()
         torch.set_default_dtype(torch.float64)
         try:
             for logits, scale in cases:
                 assert_routes_like_oracle(g4route.route(logits, 8, scale), logits, 8, scale)
-        except Exception:  # reported below, with where it failed
-            failures.append(traceback.format_exc())
         finally:
             torch.set_default_dtype(before)
 
-    thread = threading.Thread(target=fresh_thread)
-    thread.start()
-    thread.join()
-    assert not failures, failures[0]
+    in_a_fresh_thread(body)
 
 
 def test_weights_are_softmax_of_chosen(target, gen):

@@ -9,10 +9,10 @@ signed zeros, infinities and fully masked rows. Fresh random inputs every run (t
 from __future__ import annotations
 
 import threading
-import traceback
 
 import pytest
 import torch
+from fresh_thread import in_a_fresh_thread
 from oracle import oracle
 
 from g4route import reference
@@ -167,22 +167,15 @@ def test_buffers_made_under_inference_mode_serve_calls_outside_it(rows, gen):
     call: made under torch.inference_mode() they must still take in-place writes outside it (an inference
     tensor cannot), as an engine's warm-up under inference mode followed by ordinary calls would need."""
     cases = [_logits("plain", rows, 128, dtype, gen) for dtype in DTYPES for _ in range(2)]
-    failures: list[str] = []
 
-    def fresh_thread() -> None:  # a new thread has no buffers yet
-        try:
-            with torch.inference_mode():
-                for x in cases[::2]:
-                    _assert_like_oracle(x, 8, None, True)
-            for x in cases:
+    def body() -> None:
+        with torch.inference_mode():
+            for x in cases[::2]:
                 _assert_like_oracle(x, 8, None, True)
-        except Exception as exc:  # reported below, with its type
-            failures.append(repr(exc))
+        for x in cases:
+            _assert_like_oracle(x, 8, None, True)
 
-    thread = threading.Thread(target=fresh_thread)
-    thread.start()
-    thread.join()
-    assert not failures, failures[0]
+    in_a_fresh_thread(body)
 
 
 def test_another_default_device_changes_nothing(gen):
@@ -194,9 +187,8 @@ def test_another_default_device_changes_nothing(gen):
              for dtype in (torch.float32, torch.bfloat16) for mode in ("plain", "ties")]
     trained = [(_logits("ties", rows, 128, torch.float32, gen), torch.rand(128, generator=gen) + 0.5)
                for rows in (1, 3, 200)]
-    failures: list[str] = []
 
-    def fresh_thread() -> None:
+    def body() -> None:
         torch.set_default_device("meta")
         try:
             for x, scale in cases:
@@ -205,15 +197,10 @@ def test_another_default_device_changes_nothing(gen):
                 w, _ = route_torch(x.requires_grad_(True), 8, scale, True)
                 w.sum().backward()
                 assert x.grad.is_cpu and bool(x.grad.isfinite().all())
-        except Exception:  # reported below, with where it failed
-            failures.append(traceback.format_exc())
         finally:
             torch.set_default_device(None)
 
-    thread = threading.Thread(target=fresh_thread)
-    thread.start()
-    thread.join()
-    assert not failures, failures[0]
+    in_a_fresh_thread(body)
 
 
 @pytest.mark.parametrize("rows", [1, 40])
