@@ -88,6 +88,7 @@ _CPU = torch.device("cpu")
 def _cpu_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=_CPU)
 
+
 _INT32_MAX_T = torch.tensor(_INT32_MAX, dtype=torch.int32, device=_CPU)
 # Rows above which the renormalised weights are exp(x - max) / sum by hand: torch.softmax over a short
 # last dim (K = 8) is not vectorised along it and costs about 0.07 us a row (2026-11-27: 13.5 us at 159
@@ -441,12 +442,7 @@ def _route_few(x: torch.Tensor, k: int, scale: torch.Tensor | None) -> tuple[tor
         chosen, ids, maxima = _keyed_topk(x, k)
         if -math.inf in maxima.tolist():  # a list costs less than a tensor op here
             return None
-    if T > _SOFTMAX_MAX_ROWS:
-        # The chosen logits descend, so the first is the row's maximum, as softmax would subtract.
-        w = torch.exp(chosen - chosen.as_strided((T, 1), (chosen.stride(0), 1)))
-        w.div_(w.sum(-1, keepdim=True))
-    else:
-        w = torch.softmax(chosen, -1)
+    w = _descending_softmax(chosen) if T > _SOFTMAX_MAX_ROWS else torch.softmax(chosen, -1)
     if scale is not None:
         # A 16-bit scale multiplies as it is (float32 holds its values exactly): one op fewer.
         w.mul_((scale if scale.dtype in _WIDEN_EXACTLY else scale.float()).take(ids))
@@ -714,12 +710,7 @@ def _route_general(logits: torch.Tensor, topk: int, scale: torch.Tensor | None, 
         if not renormalize:
             logits = torch.where(masked, 0.0, logits)
     if renormalize and T > _SOFTMAX_MAX_ROWS:
-        # The chosen logits descend (NaN first), so the first is the row's maximum, as softmax would
-        # subtract: same arithmetic, and NaN where softmax gives NaN.
-        c = chosen if chosen.dtype == compute_dtype else chosen.to(compute_dtype)
-        w = torch.exp(c - c.as_strided((T, 1), (c.stride(0), 1)))  # c[:, :1], at a third of its cost
-        total = w.sum(-1, keepdim=True)
-        w = w / total if w.requires_grad else w.div_(total)
+        w = _descending_softmax(chosen if chosen.dtype == compute_dtype else chosen.to(compute_dtype))
     elif renormalize:
         w = torch.softmax(chosen, -1) if chosen.dtype == compute_dtype else \
             torch.softmax(chosen, -1, dtype=compute_dtype)
@@ -737,6 +728,16 @@ def _route_general(logits: torch.Tensor, topk: int, scale: torch.Tensor | None, 
         # In place saves an allocation, but softmax's backward reads its output: not while autograd records.
         w = w * factor if w.requires_grad else w.mul_(factor)
     return w, ids, ids32
+
+
+def _descending_softmax(chosen: torch.Tensor) -> torch.Tensor:
+    """``torch.softmax(chosen, -1)`` of ``[T, K]`` rows that descend (NaN first) in four plain ops, which
+    cost less past ``_SOFTMAX_MAX_ROWS`` rows: the first column is each row's maximum, as softmax would
+    subtract, so the arithmetic is softmax's, NaN where it gives NaN. In place where autograd allows it."""
+    # chosen[:, :1], at a third of its cost
+    w = torch.exp(chosen - chosen.as_strided((chosen.shape[0], 1), (chosen.stride(0), 1)))
+    total = w.sum(-1, keepdim=True)
+    return w / total if w.requires_grad else w.div_(total)
 
 
 def _no_masked_row(chosen: torch.Tensor) -> bool:
