@@ -207,11 +207,12 @@ _warned: set[str] = set()
 
 def _read_env() -> str:
     """``os.environ.get(ENV_VAR, "")``, read on every route() call, at a tenth of its cost: the mapping
-    behind ``os.environ`` holds keys and values encoded, and ``.get`` encodes and decodes each time."""
-    raw = _ENVIRON_DATA.get(_ENV_KEY) if _ENVIRON_DATA is not None else None
+    behind ``os.environ`` holds keys and values encoded, and ``.get`` encodes and decodes each time
+    (:data:`raw_env` reads it undecoded)."""
+    raw = raw_env()
     if raw is None:
-        return "" if _ENVIRON_DATA is not None else os.environ.get(ENV_VAR, "")
-    return os.environ.decodevalue(raw)
+        return ""
+    return raw if isinstance(raw, str) else os.environ.decodevalue(raw)
 
 
 def forced_name() -> str:
